@@ -1,0 +1,1 @@
+"""Data: tokenizer, chat template, embedded corpus, readers for real files, batch loaders."""
