@@ -47,18 +47,18 @@ def _newton_schulz5(G: Tensor, steps: int) -> Tensor:
     in (0, 1], where the iteration is well behaved.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = G.bfloat16().reshape(-1, *G.shape[-2:])  # one batch dim for baddbmm
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix X X^T is then the small one
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A in one matmul with fused epilogue
+        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
     if tall:
         X = X.mT
-    return X
+    return X.reshape(G.shape)
 
 
 _newton_schulz5_compiled = torch.compile(_newton_schulz5, dynamic=False) if hasattr(torch, "compile") else None
@@ -71,6 +71,18 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
     if G.is_cuda and _newton_schulz5_compiled is not None:
         return _newton_schulz5_compiled(G, steps)
     return _newton_schulz5(G, steps)
+
+
+def muon_update(grads: Tensor, bufs: Tensor, momentum: float, nesterov: bool, ns_steps: int) -> Tensor:
+    """Momentum, Nesterov and Newton-Schulz for a stack [n, rows, cols] of same-shape gradients.
+
+    bufs (the momentum buffers, same shape) is updated in place; returns the bf16 update.
+    Only Newton-Schulz is compiled: compiling the two lerps with it measured no faster on an
+    H100, and keeping `momentum` out of compiled code means a momentum schedule never recompiles.
+    """
+    bufs.lerp_(grads, 1 - momentum)
+    update = grads.lerp(bufs, momentum) if nesterov else bufs
+    return zeropower_via_newtonschulz5(update, ns_steps)
 
 
 def matrix_view(x: Tensor) -> Tensor:
@@ -88,21 +100,13 @@ def update_scale(shape, adjust_lr: str) -> float:
     raise ValueError(f"adjust_lr must be 'original' or 'match_rms_adamw', got {adjust_lr!r}")
 
 
-def muon_update(grads: Tensor, bufs: Tensor, momentum: float, nesterov: bool, ns_steps: int) -> Tensor:
-    """Momentum, Nesterov and orthogonalisation for a stack of same-shape gradients.
-
-    grads, bufs: [n, *matrix_shape]; bufs is updated in place. Returns the orthogonalised
-    update in bf16, same shape.
-    """
-    bufs.lerp_(grads, 1 - momentum)
-    update = grads.lerp(bufs, momentum) if nesterov else bufs
-    return zeropower_via_newtonschulz5(update, ns_steps)
-
-
-def apply_update(weights: Tensor, update: Tensor, lr: float, weight_decay: float, scale: float) -> None:
-    """Decoupled weight decay, then the scaled step, on a stack of weights (in place)."""
-    weights.mul_(1 - lr * weight_decay)
-    weights.add_(update.to(weights.dtype), alpha=-lr * scale)
+def apply_update(params: list, update: Tensor, lr: float, weight_decay: float, scale: float) -> None:
+    """Decoupled weight decay, then the scaled step: p <- p * (1 - lr*wd) - lr*scale*update, in place."""
+    views = [matrix_view(p) for p in params]
+    if weight_decay:
+        torch._foreach_mul_(views, 1 - lr * weight_decay)
+    # a bf16 update added to fp32 weights promotes inside the add kernel: no separate cast pass
+    torch._foreach_add_(views, list(update.unbind(0)), alpha=-lr * scale)
 
 
 def _check_params(param_groups):
@@ -123,6 +127,25 @@ def _same_shape_buckets(params):
     return list(buckets.values())
 
 
+def stacked_momentum(state, stacks: dict, params) -> Tensor:
+    """The momentum buffers of a bucket as one stacked tensor, updated in place by the step.
+
+    Each parameter's state["momentum_buffer"] is a view into the stack, so the step neither
+    stacks nor unstacks them. A buffer that is not such a view (a fresh optimizer, or one just
+    loaded from a state dict) is copied into a new stack on first use.
+    """
+    key = tuple(id(p) for p in params)
+    stack = stacks.get(key)
+    bufs = [state[p].get("momentum_buffer") for p in params]
+    if stack is None or any(b is None or b.data_ptr() != stack[i].data_ptr() for i, b in enumerate(bufs)):
+        stack = torch.stack([matrix_view(b) if b is not None else torch.zeros_like(matrix_view(p))
+                             for p, b in zip(params, bufs)])
+        for i, p in enumerate(params):
+            state[p]["momentum_buffer"] = stack[i].view_as(p)
+        stacks[key] = stack
+    return stack
+
+
 class Muon(torch.optim.Optimizer):
     """Single-device Muon. Same-shape parameters are stacked so Newton-Schulz runs once per shape."""
 
@@ -133,9 +156,11 @@ class Muon(torch.optim.Optimizer):
                         weight_decay=weight_decay, adjust_lr=adjust_lr)
         super().__init__(params, defaults)
         _check_params(self.param_groups)
+        self._stacks = {}  # see stacked_momentum
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scale: float = 1.0):
+        """One Muon step; grad_scale multiplies the gradients first (the training scripts clip with it)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -143,19 +168,13 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for bucket in _same_shape_buckets(params):
-                for p in bucket:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 grads = torch.stack([matrix_view(p.grad) for p in bucket])
-                bufs = torch.stack([matrix_view(self.state[p]["momentum_buffer"]) for p in bucket])
+                if grad_scale != 1.0:
+                    grads.mul_(grad_scale)
+                bufs = stacked_momentum(self.state, self._stacks, bucket)
                 update = muon_update(grads, bufs, group["momentum"], group["nesterov"], group["ns_steps"])
-                weights = torch.stack([matrix_view(p) for p in bucket])
-                apply_update(weights, update, group["lr"], group["weight_decay"],
-                             update_scale(weights.shape, group["adjust_lr"]))
-                # stack() copied; write the new buffers and weights back in one fused call each
-                torch._foreach_copy_([matrix_view(self.state[p]["momentum_buffer"]) for p in bucket],
-                                     list(bufs.unbind(0)))
-                torch._foreach_copy_([matrix_view(p) for p in bucket], list(weights.unbind(0)))
+                apply_update(bucket, update, group["lr"], group["weight_decay"],
+                             update_scale(grads.shape, group["adjust_lr"]))
         return loss
 
 
@@ -168,15 +187,20 @@ class DistMuon(torch.optim.Optimizer):
     [r*n_pad/W, (r+1)*n_pad/W). One step is three phases:
 
       1. launch an async reduce-scatter (average) of every group's stacked gradients;
-      2. per group: wait for its gradients, then the owner does momentum, Nesterov,
-         Newton-Schulz, decay and the update on its slice, and launches an async all-gather
-         of the updated weights (this compute overlaps the other groups' collectives);
-      3. wait for the all-gathers and copy the weights back into the parameters.
+      2. per group: wait for its gradients, then the owner does momentum, Nesterov and
+         Newton-Schulz on its slice and launches an async all-gather of the bf16 updates
+         (this compute overlaps the other groups' collectives);
+      3. per group: wait for its updates; every rank applies decay and the update to all its
+         weights. Identical inputs and identical elementwise math keep the replicas identical,
+         and gathering bf16 updates moves half the bytes of gathering fp32 weights.
 
     Momentum buffers exist only for owned parameters: ~1/W of Muon's state per rank.
-    Gradient clipping: the gradient Muon should clip is the *averaged* one, which exists only
-    after phase 1. The training scripts therefore clip with a norm computed from the locally
-    accumulated gradients all-reduced across ranks before calling step (see clip in common.py).
+
+    Gradient clipping: the norm to clip by is that of the *averaged* gradient, which for these
+    parameters exists only as the owners' slices after phase 1. `reduce_grads()` runs phase 1
+    early and `grad_sq_sum()` returns the global sum of squares of the averaged gradient (each
+    rank sums its slice, then one scalar all-reduce); `step(grad_scale=...)` then scales the
+    averaged slices. See clip_grads in common.py.
 
     state_dict() and load_state_dict() are collective: call them on every rank.
     """
@@ -192,9 +216,11 @@ class DistMuon(torch.optim.Optimizer):
         super().__init__(params, defaults)
         _check_params(self.param_groups)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._stacks = {}  # see stacked_momentum
+        self._pending = None  # phase-1 work in flight: [(work, averaged grad slice)]
 
     def _groups(self):
-        """(param group, same-shape bucket, owned slice) in a fixed order every rank agrees on."""
+        """(param group, same-shape bucket, slice size, owned indices) in an order all ranks share."""
         out = []
         for group in self.param_groups:
             for bucket in _same_shape_buckets(group["params"]):
@@ -203,59 +229,67 @@ class DistMuon(torch.optim.Optimizer):
                 out.append((group, bucket, per_rank, range(start, min(start + per_rank, len(bucket)))))
         return out
 
-    def _stack_padded(self, tensors, per_rank):
-        """[n, ...] -> [per_rank * W, ...] with zero padding, in the matrix view."""
+    def _padded_stack(self, tensors, per_rank):
+        """[n, rows, cols] -> [per_rank * W, rows, cols], zero padded."""
         mats = [matrix_view(t) for t in tensors]
         full = mats[0].new_zeros((per_rank * self.world_size, *mats[0].shape))
         torch._foreach_copy_(list(full[:len(mats)].unbind(0)), mats)
         return full
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def reduce_grads(self):
+        """Phase 1: launch the reduce-scatters; each rank will receive the average of its slice."""
+        if self._pending is not None:
+            return
+        self._pending = []
+        for _, bucket, per_rank, _ in self._groups():
+            for p in bucket:
+                if p.grad is None:
+                    raise RuntimeError(f"DistMuon: a parameter of shape {tuple(p.shape)} has no gradient; "
+                                       "every rank needs a gradient for every Muon parameter at each step.")
+            full = self._padded_stack([p.grad for p in bucket], per_rank)
+            mine = full.new_empty((per_rank, *full.shape[1:]))
+            self._pending.append((_reduce_scatter(mine, full, op=dist.ReduceOp.AVG, async_op=True), mine))
+
+    @torch.no_grad()
+    def grad_sq_sum(self) -> Tensor:
+        """Sum of squares of the averaged gradients of all Muon parameters (collective)."""
+        self.reduce_grads()
+        total = torch.zeros((), device=self._pending[0][1].device if self._pending else "cpu")
+        for work, mine in self._pending:
+            work.wait()
+            total += mine.float().square().sum()  # padding rows are zero
+        dist.all_reduce(total)
+        return total
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scale: float = 1.0):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        groups = self._groups()
-        for _, bucket, _, _ in groups:
-            for p in bucket:
-                if p.grad is None:
-                    raise RuntimeError(f"DistMuon: a parameter of shape {tuple(p.shape)} has no gradient; every "
-                                       "rank must have a gradient for every Muon parameter at each step.")
+        self.reduce_grads()
+        pending, self._pending = self._pending, None
 
-        # 1. average the gradients, each rank receiving only the slice it owns
-        pending = []
-        for group, bucket, per_rank, owned in groups:
-            full = self._stack_padded([p.grad for p in bucket], per_rank)
-            mine = full.new_empty((per_rank, *full.shape[1:]))
-            work = _reduce_scatter(mine, full, op=dist.ReduceOp.AVG, async_op=True)
-            pending.append((work, mine))
-
-        # 2. the owner updates its slice, then shares the new weights
+        # 2. the owner turns its averaged slice into updates, then shares them
         gathers = []
-        for (group, bucket, per_rank, owned), (work, grads) in zip(groups, pending):
+        for (group, bucket, per_rank, owned), (work, grads) in zip(self._groups(), pending):
             work.wait()
-            weights = torch.stack([matrix_view(p) for p in bucket[owned.start:owned.start + per_rank]]
-                                  + [matrix_view(bucket[0]).new_zeros(matrix_view(bucket[0]).shape)]
-                                  * (per_rank - len(owned)))
+            update = grads.new_zeros(grads.shape, dtype=torch.bfloat16)
             if len(owned):
                 n = len(owned)
-                for i in owned:
-                    if "momentum_buffer" not in self.state[bucket[i]]:
-                        self.state[bucket[i]]["momentum_buffer"] = torch.zeros_like(bucket[i])
-                bufs = torch.stack([matrix_view(self.state[bucket[i]]["momentum_buffer"]) for i in owned])
-                update = muon_update(grads[:n], bufs, group["momentum"], group["nesterov"], group["ns_steps"])
-                apply_update(weights[:n], update, group["lr"], group["weight_decay"],
-                             update_scale(weights.shape, group["adjust_lr"]))
-                torch._foreach_copy_([matrix_view(self.state[bucket[i]]["momentum_buffer"]) for i in owned],
-                                     list(bufs.unbind(0)))
-            full = weights.new_empty((per_rank * self.world_size, *weights.shape[1:]))
-            gathers.append((_all_gather(full, weights, async_op=True), full, bucket))
+                if grad_scale != 1.0:
+                    grads.mul_(grad_scale)
+                bufs = stacked_momentum(self.state, self._stacks, [bucket[i] for i in owned])
+                update[:n] = muon_update(grads[:n], bufs, group["momentum"], group["nesterov"], group["ns_steps"])
+            full = update.new_empty((per_rank * self.world_size, *update.shape[1:]))
+            gathers.append((_all_gather(full, update, async_op=True), full, group, bucket))
 
-        # 3. everyone takes the gathered weights
-        for work, full, bucket in gathers:
+        # 3. every rank applies every update to its replica of the weights
+        for work, full, group, bucket in gathers:
             work.wait()
-            torch._foreach_copy_([matrix_view(p) for p in bucket], list(full[:len(bucket)].unbind(0)))
+            apply_update(bucket, full[:len(bucket)], group["lr"], group["weight_decay"],
+                         update_scale(full.shape, group["adjust_lr"]))
         return loss
 
     @torch.no_grad()
@@ -266,11 +300,10 @@ class DistMuon(torch.optim.Optimizer):
             dist.all_reduce(have, op=dist.ReduceOp.MIN)  # a group is saved only once every owner has stepped
             if have.item() == 0:
                 continue
-            mine = torch.stack([matrix_view(self.state[bucket[i]]["momentum_buffer"]) for i in owned]
-                               + [matrix_view(bucket[0]).new_zeros(matrix_view(bucket[0]).shape)]
-                               * (per_rank - len(owned)))
+            mine = self._padded_stack([self.state[bucket[i]]["momentum_buffer"] for i in owned] or [bucket[0]],
+                                      per_rank)[:per_rank] * (1 if len(owned) else 0)
             full = mine.new_empty((per_rank * self.world_size, *mine.shape[1:]))
-            _all_gather(full, mine)
+            _all_gather(full, mine.contiguous())
             for i, p in enumerate(bucket):
                 self.state[p]["momentum_buffer"] = full[i].view_as(p).clone()
         sd = super().state_dict()

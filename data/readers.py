@@ -1,0 +1,235 @@
+"""Readers for real datasets: pretraining text, SFT conversations, DPO preference pairs.
+
+Accepted formats are MiniMind's and the Hugging Face conventions (see each function).
+Every problem a user can fix raises DataError naming the file, the 1-based line where there
+is one, and what to change; the scripts print just that message and exit 1.
+"""
+import importlib.util
+import json
+import os
+from typing import Iterator
+
+ROLES = ("system", "user", "assistant")
+PRETRAIN_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+class DataError(Exception):
+    """Bad input data; the message alone tells the user what to fix."""
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a .jsonl file")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: file is empty")
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text without the line ending), decoded strictly as UTF-8."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}); "
+                                f"re-encode the file as UTF-8") from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            yield lineno, line.rstrip("\r\n")
+
+
+def _json_lines(path: str) -> Iterator[tuple[int, dict]]:
+    """Each non-blank line parsed as one JSON object."""
+    _check_file(path)
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                            f"each line must be one complete JSON object") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+        yield lineno, obj
+
+
+def _messages(msgs, where: str, key: str) -> list[dict]:
+    """Validate a list of {"role", "content"} messages; return them reduced to those two keys."""
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: {key!r} must be a non-empty list of {{\"role\", \"content\"}} messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: {key}[{i}] must be an object with \"role\" and \"content\" keys")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: {key}[{i}] has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: {key}[{i}] content must be a string, got {type(m['content']).__name__}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _no_records(path: str, what: str) -> DataError:
+    return DataError(f"{path}: no usable records (only blank lines?); expected {what}")
+
+
+# ---------------------------------------------------------------------------------------------
+# pretraining text
+
+
+def _read_txt(path: str) -> Iterator[str]:
+    """Documents are separated by one or more blank lines; newlines inside a document are kept
+    (so a file with one document per line and no blank lines is read as ONE document)."""
+    doc = []
+    for _, line in _lines(path):
+        if line.strip():
+            doc.append(line)
+        elif doc:
+            yield "\n".join(doc)
+            doc = []
+    if doc:
+        yield "\n".join(doc)
+
+
+def _read_text_jsonl(path: str) -> Iterator[str]:
+    for lineno, obj in _json_lines(path):
+        if "text" not in obj:
+            raise DataError(f"{path}:{lineno}: missing key 'text'; "
+                            f"pretraining jsonl lines look like {{\"text\": \"...\"}}")
+        if not isinstance(obj["text"], str):
+            raise DataError(f"{path}:{lineno}: 'text' must be a string, got {type(obj['text']).__name__}")
+        if obj["text"].strip():
+            yield obj["text"]
+
+
+def _read_parquet(path: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read as parquet ({e})") from None
+    if "text" not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+    for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+        for t in batch.column(0).to_pylist():
+            if t is not None and not isinstance(t, str):
+                raise DataError(f"{path}: the 'text' column must hold strings, found {type(t).__name__}")
+            if t and t.strip():
+                yield t
+
+
+def _pretrain_files(path: str) -> list[str]:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        files = []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # skip .git, .cache, staging dirs
+            files += [os.path.join(root, n) for n in names if n.endswith(PRETRAIN_SUFFIXES) and not n.startswith(".")]
+        files.sort()
+        if not files:
+            raise DataError(f"{path}: directory has no {'/'.join(PRETRAIN_SUFFIXES)} files")
+    else:
+        files = [path]
+    for f in files:
+        if not f.endswith(PRETRAIN_SUFFIXES):
+            raise DataError(f"{f}: unsupported file type; pretraining text must be {', '.join(PRETRAIN_SUFFIXES)}")
+        if os.path.getsize(f) == 0:
+            raise DataError(f"{f}: file is empty")
+        if f.endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
+            raise DataError(f"{f}: reading .parquet needs pyarrow, which is not installed (pip install pyarrow)")
+    return files
+
+
+def read_pretrain_texts(path: str) -> Iterator[str]:
+    """Documents from a .txt (blank-line separated), .jsonl ({"text": ...}) or .parquet ("text"
+    column) file, or from every such file under a directory in sorted order. Streams; the path
+    checks happen at call time, content errors as the iterator reaches them."""
+    files = _pretrain_files(os.fspath(path))
+
+    def docs():
+        for f in files:
+            reader = _read_txt if f.endswith(".txt") else _read_text_jsonl if f.endswith(".jsonl") else _read_parquet
+            n = 0
+            for doc in reader(f):
+                n += 1
+                yield doc
+            if n == 0:
+                raise _no_records(f, "text documents")
+
+    return docs()
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT and DPO
+
+
+def read_sft_jsonl(path: str) -> list[dict]:
+    """Lines of {"conversations": [{"role", "content"}, ...]} (MiniMind) or {"messages": [...]}
+    (Hugging Face). Returns {"conversations": msgs, **other keys}; every conversation needs at
+    least one assistant turn, since only assistant tokens are trained on."""
+    path = os.fspath(path)
+    out = []
+    for lineno, obj in _json_lines(path):
+        where = f"{path}:{lineno}"
+        key = "conversations" if "conversations" in obj else "messages" if "messages" in obj else None
+        if key is None:
+            raise DataError(f"{where}: missing key 'conversations' (or 'messages') holding a list of "
+                            f"{{\"role\", \"content\"}} messages; keys found: {', '.join(obj) or 'none'}")
+        msgs = _messages(obj[key], where, key)
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{where}: conversation has no assistant turn, so nothing to train on")
+        rest = {k: v for k, v in obj.items() if k not in ("conversations", "messages")}
+        out.append({"conversations": msgs, **rest})
+    if not out:
+        raise _no_records(path, "SFT conversations")
+    return out
+
+
+def _dpo_side(obj: dict, side: str, prompt: list[dict] | None, where: str) -> list[dict]:
+    value = obj[side]
+    if isinstance(value, str):
+        if prompt is None:
+            raise DataError(f"{where}: {side!r} is a string, which needs a 'prompt' key too")
+        return prompt + [{"role": "assistant", "content": value}]
+    msgs = _messages(value, where, side)
+    return (prompt or []) + msgs
+
+
+def read_dpo_jsonl(path: str) -> list[dict]:
+    """Lines of {"chosen": [msgs], "rejected": [msgs]} (MiniMind), or {"prompt": str, "chosen":
+    str, "rejected": str}, or {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]} with the
+    prompt split off (Hugging Face). Returns {"chosen": msgs, "rejected": msgs, **other keys};
+    both must share the prompt (all but the last message) and end with an assistant turn."""
+    path = os.fspath(path)
+    out = []
+    for lineno, obj in _json_lines(path):
+        where = f"{path}:{lineno}"
+        missing = [k for k in ("chosen", "rejected") if k not in obj]
+        if missing:
+            raise DataError(f"{where}: missing key(s) {', '.join(map(repr, missing))}; DPO lines need "
+                            f"'chosen' and 'rejected' (and 'prompt' when those are strings)")
+        prompt = None
+        if "prompt" in obj:
+            p = obj["prompt"]
+            if isinstance(p, str):
+                prompt = [{"role": "user", "content": p}]
+            else:
+                prompt = _messages(p, where, "prompt")
+        chosen = _dpo_side(obj, "chosen", prompt, where)
+        rejected = _dpo_side(obj, "rejected", prompt, where)
+        for side, msgs in (("chosen", chosen), ("rejected", rejected)):
+            if msgs[-1]["role"] != "assistant":
+                raise DataError(f"{where}: {side!r} must end with an assistant turn (the response being compared)")
+        if chosen[:-1] != rejected[:-1]:
+            raise DataError(f"{where}: 'chosen' and 'rejected' must share the same prompt "
+                            f"(every message but the last); they differ")
+        rest = {k: v for k, v in obj.items() if k not in ("prompt", "chosen", "rejected")}
+        out.append({"chosen": chosen, "rejected": rejected, **rest})
+    if not out:
+        raise _no_records(path, "DPO preference pairs")
+    return out

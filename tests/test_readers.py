@@ -1,0 +1,212 @@
+"""Readers for real data: accepted formats, and one clear DataError (file:line) per bad input."""
+import importlib.util
+import json
+
+import pytest
+
+from data.readers import DataError, read_dpo_jsonl, read_pretrain_texts, read_sft_jsonl
+
+HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _convo(answer="It is red."):
+    return [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": answer}]
+
+
+# ---------------------------------------------------------------------------------------------
+# pretraining text
+
+
+def test_txt_documents_are_separated_by_blank_lines(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("first doc line one\nline two\n\n\n  \nsecond doc\n\nthird doc", encoding="utf-8")
+    assert list(read_pretrain_texts(str(p))) == ["first doc line one\nline two", "second doc", "third doc"]
+
+
+def test_jsonl_text_records_skip_blank_lines(tmp_path):
+    p = _jsonl(tmp_path / "a.jsonl", [{"text": "one", "id": 1}, "", {"text": "two ✓"}])
+    assert list(read_pretrain_texts(p)) == ["one", "two ✓"]
+
+
+def test_directory_reads_supported_files_in_sorted_order_skipping_hidden(tmp_path):
+    _jsonl(tmp_path / "b.jsonl", [{"text": "from b"}])
+    (tmp_path / "a.txt").write_text("from a", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "part.txt").write_text("from c/part", encoding="utf-8")
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "x.txt").write_text("hidden", encoding="utf-8")
+    assert list(read_pretrain_texts(str(tmp_path))) == ["from a", "from b", "from c/part"]
+
+
+@pytest.mark.skipif(not HAS_PYARROW, reason="pyarrow not installed")
+def test_parquet_text_column_is_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["doc one", "doc two"], "n": [1, 2]}), tmp_path / "a.parquet")
+    assert list(read_pretrain_texts(str(tmp_path / "a.parquet"))) == ["doc one", "doc two"]
+
+
+@pytest.mark.skipif(HAS_PYARROW, reason="pyarrow is installed")
+def test_parquet_without_pyarrow_says_to_install_it(tmp_path):
+    (tmp_path / "a.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"a\.parquet.*pip install pyarrow"):
+        read_pretrain_texts(str(tmp_path / "a.parquet"))
+
+
+def _pretrain_error(path):
+    with pytest.raises(DataError) as e:
+        list(read_pretrain_texts(path))
+    return str(e.value)
+
+
+def test_pretrain_missing_path_is_an_error(tmp_path):
+    assert "no such file" in _pretrain_error(str(tmp_path / "missing.txt"))
+
+
+def test_pretrain_empty_file_is_an_error(tmp_path):
+    (tmp_path / "e.jsonl").write_text("")
+    assert "e.jsonl: file is empty" in _pretrain_error(str(tmp_path / "e.jsonl"))
+
+
+def test_pretrain_only_blank_lines_is_no_usable_records(tmp_path):
+    (tmp_path / "b.txt").write_text("\n\n   \n")
+    assert "b.txt: no usable records" in _pretrain_error(str(tmp_path / "b.txt"))
+
+
+def test_pretrain_unsupported_extension_is_an_error(tmp_path):
+    (tmp_path / "a.csv").write_text("text\nhello\n")
+    assert "unsupported file type" in _pretrain_error(str(tmp_path / "a.csv"))
+
+
+def test_pretrain_jsonl_malformed_line_names_file_and_line(tmp_path):
+    p = _jsonl(tmp_path / "a.jsonl", [{"text": "ok"}, "", '{"text": "broken'])
+    assert "a.jsonl:3: malformed JSON" in _pretrain_error(p)
+
+
+def test_pretrain_jsonl_missing_text_key_names_file_and_line(tmp_path):
+    p = _jsonl(tmp_path / "a.jsonl", [{"text": "ok"}, {"content": "x"}])
+    assert "a.jsonl:2: missing key 'text'" in _pretrain_error(p)
+
+
+def test_pretrain_jsonl_text_not_a_string_names_file_and_line(tmp_path):
+    p = _jsonl(tmp_path / "a.jsonl", [{"text": ["x"]}])
+    assert "a.jsonl:1: 'text' must be a string" in _pretrain_error(p)
+
+
+def test_pretrain_non_utf8_bytes_name_file_and_line(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"fine\n\nalso fine\n\xff\xfe bad\n")
+    assert "a.txt:4: not valid UTF-8" in _pretrain_error(str(tmp_path / "a.txt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT
+
+
+def test_sft_minimind_conversations_format_keeps_other_keys(tmp_path):
+    p = _jsonl(tmp_path / "s.jsonl", [{"conversations": _convo(), "answer": "red"}])
+    assert read_sft_jsonl(p) == [{"conversations": _convo(), "answer": "red"}]
+
+
+def test_sft_hf_messages_format_becomes_conversations(tmp_path):
+    msgs = [{"role": "system", "content": "Be brief."}] + _convo()
+    p = _jsonl(tmp_path / "s.jsonl", [{"messages": msgs, "id": 7}, ""])
+    assert read_sft_jsonl(p) == [{"conversations": msgs, "id": 7}]
+
+
+SFT_BAD = {
+    "malformed_json": ('{"conversations": [', "s.jsonl:2: malformed JSON"),
+    "not_an_object": ("[1, 2]", "s.jsonl:2: expected a JSON object"),
+    "missing_key": ({"dialog": _convo()}, "s.jsonl:2: missing key 'conversations'"),
+    "content_not_string": ({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]},
+                           "s.jsonl:2: conversations[1] content must be a string"),
+    "message_missing_role": ({"messages": [{"content": "q"}]}, "s.jsonl:2: messages[0] must be an object with"),
+    "unknown_role": ({"conversations": [{"role": "human", "content": "q"}, {"role": "assistant", "content": "a"}]},
+                     "s.jsonl:2: conversations[0] has unknown role 'human'"),
+    "no_assistant_turn": ({"conversations": [{"role": "user", "content": "q"}]}, "s.jsonl:2: conversation has no assistant turn"),
+    "empty_conversation": ({"conversations": []}, "s.jsonl:2: 'conversations' must be a non-empty list"),
+}
+
+
+@pytest.mark.parametrize("case", SFT_BAD)
+def test_sft_bad_line_names_file_and_line(tmp_path, case):
+    bad, expected = SFT_BAD[case]
+    p = _jsonl(tmp_path / "s.jsonl", [{"conversations": _convo()}, bad, {"conversations": _convo()}])
+    with pytest.raises(DataError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        read_sft_jsonl(p)
+
+
+def test_sft_missing_file_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
+        read_sft_jsonl(str(tmp_path / "nope.jsonl"))
+
+
+def test_sft_empty_file_is_an_error(tmp_path):
+    (tmp_path / "s.jsonl").write_text("")
+    with pytest.raises(DataError, match="s.jsonl: file is empty"):
+        read_sft_jsonl(str(tmp_path / "s.jsonl"))
+
+
+def test_sft_file_of_blank_lines_has_no_usable_records(tmp_path):
+    (tmp_path / "s.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match="s.jsonl: no usable records"):
+        read_sft_jsonl(str(tmp_path / "s.jsonl"))
+
+
+def test_sft_non_utf8_bytes_name_file_and_line(tmp_path):
+    good = json.dumps({"conversations": _convo()}).encode()
+    (tmp_path / "s.jsonl").write_bytes(good + b"\n" + good.replace(b"red", b"r\xe9d") + b"\n")
+    with pytest.raises(DataError, match="s.jsonl:2: not valid UTF-8"):
+        read_sft_jsonl(str(tmp_path / "s.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO
+
+
+def test_dpo_message_lists_format_keeps_other_keys(tmp_path):
+    row = {"chosen": _convo("Red."), "rejected": _convo("Blue."), "answer": "red", "choices": ["red", "blue"]}
+    assert read_dpo_jsonl(_jsonl(tmp_path / "d.jsonl", [row])) == [row]
+
+
+def test_dpo_prompt_string_format_becomes_messages(tmp_path):
+    p = _jsonl(tmp_path / "d.jsonl", [{"prompt": "What colour?", "chosen": "Red.", "rejected": "Blue.", "id": 3}])
+    assert read_dpo_jsonl(p) == [{"chosen": _convo("Red."), "rejected": _convo("Blue."), "id": 3}]
+
+
+def test_dpo_prompt_messages_with_split_off_responses_are_joined(tmp_path):
+    row = {"prompt": _convo()[:1], "chosen": _convo("Red.")[1:], "rejected": _convo("Blue.")[1:]}
+    assert read_dpo_jsonl(_jsonl(tmp_path / "d.jsonl", [row])) == [{"chosen": _convo("Red."), "rejected": _convo("Blue.")}]
+
+
+DPO_BAD = {
+    "malformed_json": ('{"chosen": ', "d.jsonl:2: malformed JSON"),
+    "missing_rejected": ({"chosen": _convo()}, "d.jsonl:2: missing key\\(s\\) 'rejected'"),
+    "string_without_prompt": ({"chosen": "a", "rejected": "b"}, "d.jsonl:2: 'chosen' is a string, which needs a 'prompt'"),
+    "content_not_string": ({"chosen": [{"role": "user", "content": None}, {"role": "assistant", "content": "a"}],
+                            "rejected": _convo()}, "d.jsonl:2: chosen\\[0\\] content must be a string"),
+    "unknown_role": ({"chosen": [{"role": "bot", "content": "a"}], "rejected": _convo()}, "d.jsonl:2: chosen\\[0\\] has unknown role 'bot'"),
+    "ends_with_user": ({"chosen": _convo()[:1], "rejected": _convo()[:1]}, "d.jsonl:2: 'chosen' must end with an assistant turn"),
+    "different_prompts": ({"chosen": _convo(), "rejected": [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "x"}]},
+                          "d.jsonl:2: 'chosen' and 'rejected' must share the same prompt"),
+}
+
+
+@pytest.mark.parametrize("case", DPO_BAD)
+def test_dpo_bad_line_names_file_and_line(tmp_path, case):
+    bad, expected = DPO_BAD[case]
+    good = {"chosen": _convo("Red."), "rejected": _convo("Blue.")}
+    with pytest.raises(DataError, match=expected):
+        read_dpo_jsonl(_jsonl(tmp_path / "d.jsonl", [good, bad]))
+
+
+def test_dpo_empty_file_is_an_error(tmp_path):
+    (tmp_path / "d.jsonl").write_text("")
+    with pytest.raises(DataError, match="d.jsonl: file is empty"):
+        read_dpo_jsonl(str(tmp_path / "d.jsonl"))
