@@ -251,6 +251,14 @@ class DistMuon(torch.optim.Optimizer):
             mine = full.new_empty((per_rank, *full.shape[1:]))
             self._pending.append((_reduce_scatter(mine, full, op=dist.ReduceOp.AVG, async_op=True), mine))
 
+    def zero_grad(self, set_to_none: bool = True):
+        """Also drops a launched but unused phase 1 (a step skipped for an inf/nan gradient)."""
+        if self._pending is not None:
+            for work, _ in self._pending:
+                work.wait()
+            self._pending = None
+        super().zero_grad(set_to_none=set_to_none)
+
     @torch.no_grad()
     def grad_sq_sum(self) -> Tensor:
         """Sum of squares of the averaged gradients of all Muon parameters (collective)."""

@@ -52,10 +52,11 @@ def _meta_dtype(path: str) -> np.dtype:
 class TokenWindowLoader:
     """Random windows of seq_len+1 tokens from a flat token file read with np.memmap.
 
-    Batch `step` of rank `rank` draws its offsets from np.random.default_rng([seed, rank, step]),
-    so ranks see different data, any batch can be recomputed from the step alone, and the
-    loader's whole state is that step counter (rank r's stream does not depend on world_size,
-    which is only recorded).
+    Batch `step` is one global batch of batch_size * world_size windows whose offsets come
+    from np.random.default_rng([seed, step]); rank r takes rows [r*batch_size, (r+1)*batch_size).
+    So ranks see different data, one process with batch 2B sees exactly what two processes
+    with batch B see together, any batch can be recomputed from the step alone, and the
+    loader's whole state is that step counter (a run can resume on another world size).
     """
 
     def __init__(self, path, batch_size, seq_len, rank=0, world_size=1, seed=0, dtype=None):
@@ -73,8 +74,9 @@ class TokenWindowLoader:
         self.step = 0
 
     def next_batch(self):
-        rng = np.random.default_rng([self.seed, self.rank, self.step])
-        offsets = rng.integers(0, self.num_tokens - self.seq_len, size=self.batch_size)
+        rng = np.random.default_rng([self.seed, self.step])
+        offsets = rng.integers(0, self.num_tokens - self.seq_len, size=self.batch_size * self.world_size)
+        offsets = offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         self.step += 1
         windows = self.tokens[offsets[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
         w = torch.from_numpy(windows)

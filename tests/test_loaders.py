@@ -71,6 +71,15 @@ def test_different_ranks_get_different_batches(token_file):
     assert not _same(r0.next_batch(), r1.next_batch())
 
 
+def test_ranks_together_see_the_global_batch_of_one_process(token_file):
+    whole = TokenWindowLoader(token_file, 8, 16, seed=2, dtype=np.uint16)
+    parts = [TokenWindowLoader(token_file, 4, 16, rank=r, world_size=2, seed=2, dtype=np.uint16) for r in (0, 1)]
+    for _ in range(3):
+        x, y = whole.next_batch()
+        halves = [p.next_batch() for p in parts]
+        assert torch.equal(x, torch.cat([h[0] for h in halves])) and torch.equal(y, torch.cat([h[1] for h in halves]))
+
+
 def test_different_seeds_give_different_batches(token_file):
     a = TokenWindowLoader(token_file, 4, 16, seed=0, dtype=np.uint16)
     b = TokenWindowLoader(token_file, 4, 16, seed=1, dtype=np.uint16)

@@ -1,0 +1,278 @@
+"""Plumbing the three training scripts share: flags, distributed setup, the two optimizers,
+gradient sync and clipping, learning-rate schedule, checkpoints, and logging.
+
+The algorithm of each stage lives in its own script; this file only holds what they would
+otherwise repeat word for word.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from muon import DistMuon, Muon
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def die(msg: str):
+    """Stop with one clear message and a non-zero exit (bad input, not a bug)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(1)
+
+
+# ------------------------------------------------------------------------------------ flags
+
+def train_arg_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every stage script has, under the same names (stage defaults are set by each script)."""
+    p = argparse.ArgumentParser(description=description)
+    a = p.add_argument
+    a("--data_path", default=None, help="data to train on (default: the embedded corpus, prepared on first use)")
+    a("--out_dir", default="out", help="where checkpoints and metrics go")
+    a("--init_from", default=None, help="checkpoint whose weights start this stage")
+    a("--resume", action="store_true", help="continue this stage from <out_dir>/<stage>.pt exactly")
+    # model shape (pretraining builds it; later stages check it against --init_from)
+    a("--hidden_size", type=int, default=None)
+    a("--num_hidden_layers", type=int, default=None)
+    a("--num_attention_heads", type=int, default=None)
+    a("--num_key_value_heads", type=int, default=None)
+    a("--max_seq_len", type=int, default=None)
+    # batch and length of training
+    a("--batch_size", type=int, default=16, help="sequences per micro-batch per process")
+    a("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    a("--epochs", type=float, default=None, help="passes over the training data (used when --max_steps is 0)")
+    a("--max_steps", type=int, default=None, help="optimizer steps (0: derive from --epochs)")
+    # optimizers and schedules
+    a("--optimizer", choices=["muon", "adamw"], default="muon", help="adamw: AdamW for every parameter (baseline)")
+    a("--lr_muon", type=float, default=0.02, help="peak LR of Muon (matrices in the blocks)")
+    a("--lr_adamw", type=float, default=5e-4, help="peak LR of AdamW (embedding, head, norms)")
+    a("--momentum", type=float, default=0.95, help="Muon momentum")
+    a("--weight_decay", type=float, default=0.0, help="decoupled weight decay of both optimizers' matrices")
+    a("--warmup_steps", type=int, default=20)
+    a("--min_lr_ratio", type=float, default=0.1, help="cosine decays each LR to this fraction of its peak")
+    a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    # hardware
+    a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    a("--device", default="auto", help="auto, cpu, cuda")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on CUDA)")
+    a("--seed", type=int, default=1337)
+    # logging and checkpoints
+    a("--log_interval", type=int, default=10)
+    a("--eval_interval", type=int, default=100)
+    a("--eval_iters", type=int, default=20, help="batches per evaluation")
+    a("--save_interval", type=int, default=0, help="also save every N steps (0: only at evals and the end)")
+    a("--use_wandb", action="store_true")
+    a("--wandb_project", default="muon-minimal")
+    return p
+
+
+# ------------------------------------------------------------------------------ distributed
+
+def setup_distributed(device_arg: str):
+    """Returns (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU; one GPU per process."""
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg.startswith("cuda") and not torch.cuda.is_available():
+        die("--device cuda was asked for but no CUDA GPU is available")
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(device_arg)
+    if world_size > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world_size, device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
+# ------------------------------------------------------------------------------- optimizers
+
+def make_optimizers(muon_params, adamw_params, args, world_size: int, device: torch.device):
+    """Muon (DistMuon under torchrun) for the block matrices, AdamW for the rest.
+
+    AdamW decays only its matrices (embedding and, untied, the head), never norms or vectors.
+    """
+    muon_opt = None
+    if muon_params:
+        muon_cls = DistMuon if world_size > 1 else Muon
+        muon_opt = muon_cls(muon_params, lr=args.lr_muon, momentum=args.momentum,
+                            weight_decay=args.weight_decay)
+    groups = [dict(params=[p for p in adamw_params if p.ndim >= 2], weight_decay=args.weight_decay),
+              dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)]
+    adamw_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr_adamw, betas=(0.9, 0.95),
+                                  eps=1e-8, fused=device.type == "cuda")
+    return muon_opt, adamw_opt
+
+
+def cosine_lr(step: int, total_steps: int, peak: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to min_lr_ratio * peak at total_steps."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(opt, lr: float):
+    if opt is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def sync_grads(params, world_size: int):
+    """Average these gradients over ranks, async: launched before Muon's work so they overlap it.
+
+    Only AdamW's parameters go through here; DistMuon averages the Muon gradients itself
+    (there is no DDP wrapper, so nothing is averaged twice). Returns the handles to wait on.
+    """
+    if world_size == 1:
+        return []
+    return [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in params if p.grad is not None]
+
+
+def clip_grads(muon_opt, muon_params, adamw_params, max_norm: float, world_size: int):
+    """Global norm of the *averaged* gradient, and the factor that clips it to max_norm.
+
+    AdamW gradients are already averaged (sync_grads). Single-process Muon gradients are the
+    averaged ones too. Under DistMuon the averaged Muon gradients exist only as each owner's
+    slice after its reduce-scatter, so DistMuon runs that phase now and sums the squares of the
+    slices across ranks (grad_sq_sum). The Muon factor is handed to muon_opt.step(grad_scale=).
+    Returns (norm: float, scale: float); a non-finite norm means an inf/nan gradient somewhere.
+    """
+    sq = torch.zeros((), device=adamw_params[0].device)
+    for p in adamw_params:
+        if p.grad is not None:
+            sq += p.grad.float().square().sum()
+    if muon_opt is not None:
+        if world_size > 1:
+            sq += muon_opt.grad_sq_sum()
+        else:
+            for p in muon_params:
+                if p.grad is not None:
+                    sq += p.grad.float().square().sum()
+    norm = sq.sqrt().item()
+    scale = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 and math.isfinite(norm) else 1.0
+    if scale < 1.0:
+        torch._foreach_mul_([p.grad for p in adamw_params if p.grad is not None], scale)
+    return norm, scale
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def save_checkpoint(path: str, ckpt: dict):
+    """Atomic: write a temp file beside `path`, then rename over it, so a crash mid-save never
+    destroys the previous checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str) -> dict:
+    if not os.path.exists(path):
+        die(f"checkpoint {path} does not exist (train the previous stage first, or check the path)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        die(f"checkpoint {path} could not be read ({type(e).__name__}: {e})")
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def check_model_matches(ckpt: dict, args, tokenizer_fingerprint: str | None, path: str):
+    """A checkpoint from another model shape or tokenizer stops with a clear message."""
+    cfg = ckpt["model_config"]
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_seq_len"):
+        want = getattr(args, name, None)
+        if want is not None and want != cfg[name]:
+            die(f"{path} has {name}={cfg[name]} but --{name} {want} was given; drop the flag or use a "
+                f"checkpoint of that shape")
+    if tokenizer_fingerprint is not None and ckpt.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint):
+        die(f"{path} was trained with another tokenizer ({ckpt.get('tokenizer_fingerprint')}) than the data's "
+            f"({tokenizer_fingerprint}); prepare the data with the checkpoint's tokenizer")
+
+
+# ---------------------------------------------------------------------------------- logging
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device):
+    """Dense bf16 peak of known GPUs, for MFU; None where unknown (CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class MetricsLogger:
+    """Rows to the console, to <out_dir>/<stage>_metrics.jsonl and, with --use_wandb, to W&B."""
+
+    def __init__(self, args, stage: str, rank: int, resume: bool):
+        self.rank, self.wandb = rank, None
+        self.path = os.path.join(args.out_dir, f"{stage}_metrics.jsonl")
+        if rank != 0:
+            return
+        os.makedirs(args.out_dir, exist_ok=True)
+        if not resume and os.path.exists(self.path):
+            os.remove(self.path)
+        if args.use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                die("--use_wandb needs the wandb package: pip install wandb")
+            self.wandb = wandb.init(project=args.wandb_project, name=f"{stage}-{time.strftime('%m%d-%H%M%S')}",
+                                    config=vars(args))
+
+    def log(self, row: dict, console: str | None = None):
+        if self.rank != 0:
+            return
+        if console:
+            print(console, flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
+
+    def finish(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -1,0 +1,256 @@
+"""Stage 1: next-token pretraining of the QK-norm transformer with Muon (matrices) + AdamW (the rest).
+
+    python train_pretrain_muon.py                                   # CPU demo on the embedded corpus
+    torchrun --nproc_per_node 8 train_pretrain_muon.py --hidden_size 768 --num_hidden_layers 12 ...
+
+Reads top to bottom: config -> distributed init -> data -> model -> optimizers -> schedules ->
+loop (forward, backward, accumulation, sync, clip, both optimizer steps) -> eval -> checkpoint.
+"""
+import math
+import os
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+
+from common import (MetricsLogger, autocast, check_model_matches, cleanup_distributed, clip_grads, cosine_lr,
+                    die, format_eta, load_checkpoint, make_optimizers, peak_flops, print0, rng_state,
+                    save_checkpoint, set_lr, set_rng_state, setup_distributed, sync_grads, train_arg_parser)
+from data.loaders import TokenWindowLoader, eval_batches
+from data.prepare import ensure_prepared, prepare_files
+from data.readers import DataError
+from data.tokenizer import load_tokenizer
+from model import GPT, ModelConfig, split_params, split_summary
+
+STAGE = "pretrain"
+ROOT = os.path.dirname(os.path.abspath(__file__))
+EMBEDDED = os.path.join(ROOT, "data", "embedded")
+
+
+def parse_args():
+    p = train_arg_parser(__doc__)
+    # stage defaults: a model and a run sized for a few minutes on a 2-core CPU
+    p.set_defaults(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                   max_seq_len=256, batch_size=16, max_steps=300, lr_muon=0.02, lr_adamw=5e-4,
+                   momentum=0.95, warmup_steps=20, eval_interval=100)
+    p.add_argument("--sample_prompt", default="Mia lives in", help="text continued at the end of the run")
+    return p.parse_args()
+
+
+def resolve_data(data_path, rank, world_size):
+    """A prepared directory (meta.json, train.bin, val.bin, tokenizer.json); a raw .txt/.jsonl/.parquet
+    file or folder is prepared once into data/prepared/<name>; nothing means the embedded corpus."""
+    if data_path is None:
+        out = EMBEDDED
+    elif os.path.isdir(data_path) and os.path.exists(os.path.join(data_path, "meta.json")):
+        return data_path
+    elif os.path.exists(data_path):
+        out = os.path.join(ROOT, "data", "prepared", os.path.splitext(os.path.basename(data_path.rstrip("/")))[0])
+    else:
+        raise DataError(f"--data_path {data_path}: no such file or directory")
+    if rank == 0:
+        if data_path is None:
+            ensure_prepared(out)
+        elif not os.path.exists(os.path.join(out, "meta.json")):
+            print0(f"preparing {data_path} into {out} (first run only; for another vocabulary size run "
+                   f"data/prepare.py yourself)...")
+            prepare_files(out, pretrain_path=data_path)
+    if world_size > 1:
+        dist.barrier()
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, val_path, args, rank, world_size, device, ctx):
+    """Mean loss over a fixed set of val windows, averaged over ranks."""
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    for x, y in eval_batches(val_path, args.batch_size, args.max_seq_len, args.eval_iters * world_size,
+                             rank, world_size):
+        with ctx:
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.float()
+        count += 1
+    model.train()
+    if world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        count *= world_size
+    return (total / count).item()
+
+
+def memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+def main():
+    args = parse_args()
+    rank, world_size, device = setup_distributed(args.device)
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    ctx = autocast(device, args.dtype)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---------------------------------------------------------------- data
+    try:
+        data_dir = resolve_data(args.data_path, rank, world_size)
+        tok = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+        train_loader = TokenWindowLoader(os.path.join(data_dir, "train.bin"), args.batch_size, args.max_seq_len,
+                                         rank, world_size, seed=args.seed)
+        val_path = os.path.join(data_dir, "val.bin")
+        TokenWindowLoader(val_path, 1, args.max_seq_len)  # fails early and clearly if val is too short
+    except (DataError, FileNotFoundError) as e:
+        die(str(e))
+    tokens_per_step = args.batch_size * args.max_seq_len * args.accumulation_steps * world_size
+    if args.max_steps:
+        total_steps = args.max_steps
+    elif args.epochs:
+        total_steps = math.ceil(args.epochs * train_loader.num_tokens / tokens_per_step)
+    else:
+        die("set --max_steps or --epochs")
+    print0(f"data: {data_dir} ({train_loader.num_tokens:,} train tokens, vocab {tok.vocab_size}); "
+           f"{tokens_per_step:,} tokens per step, {total_steps} steps "
+           f"({total_steps * tokens_per_step / train_loader.num_tokens:.2f} epochs)")
+
+    # ---------------------------------------------------------------- model
+    ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if ckpt is not None:
+        check_model_matches(ckpt, args, tok.fingerprint, ckpt_path)
+    config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden_size,
+                         num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
+                         num_key_value_heads=args.num_key_value_heads, max_seq_len=args.max_seq_len)
+    raw_model = GPT(config).to(device)
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+    model = torch.compile(raw_model) if use_compile else raw_model
+    print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {config}")
+
+    # ---------------------------------------------------------------- optimizers
+    # The split: every matrix inside the transformer blocks goes to Muon; the embedding, the
+    # (tied) head, all norm weights and anything 1-D go to AdamW. --optimizer adamw: all AdamW.
+    muon_params, adamw_params = split_params(raw_model)
+    print0(split_summary(raw_model, muon_params, adamw_params))
+    if args.optimizer == "adamw":
+        muon_params, adamw_params = [], muon_params + adamw_params
+    muon_opt, adamw_opt = make_optimizers(muon_params, adamw_params, args, world_size, device)
+    scaler = torch.amp.GradScaler(device.type) if args.dtype == "float16" else None
+    step = 0
+    if ckpt is not None:
+        if muon_opt is not None:
+            muon_opt.load_state_dict(ckpt["muon_opt"])
+        adamw_opt.load_state_dict(ckpt["adamw_opt"])
+        train_loader.load_state_dict(ckpt["data"])
+        set_rng_state(ckpt["rng"], device)
+        step = ckpt["step"]
+        print0(f"resumed {ckpt_path} at step {step} (saved by {ckpt['world_size']} process(es))")
+    del ckpt
+
+    def save(step, val_loss):
+        # DistMuon.state_dict is collective: every rank gathers, rank 0 writes
+        muon_state = muon_opt.state_dict() if muon_opt is not None else None
+        if rank == 0:
+            save_checkpoint(ckpt_path, {
+                "stage": STAGE, "step": step, "model": raw_model.state_dict(),
+                "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_opt.state_dict(),
+                "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
+                "world_size": world_size, "val_loss": val_loss,
+                "tokenizer_path": os.path.join(data_dir, "tokenizer.json"), "tokenizer_fingerprint": tok.fingerprint})
+
+    # ---------------------------------------------------------------- loop
+    logger = MetricsLogger(args, STAGE, rank, resume=args.resume)
+    flops_per_token, peak = raw_model.flops_per_token(), peak_flops(device)
+    t_start, start_step, val_loss = time.time(), step, None
+    while True:
+        last = step == total_steps
+        if step % args.eval_interval == 0 or last:
+            val_loss = evaluate(model, val_path, args, rank, world_size, device, ctx)
+            logger.log({"step": step, "val_loss": val_loss, "tokens": step * tokens_per_step},
+                       f"step {step:5d} | val loss {val_loss:.4f}")
+            if step > start_step:
+                save(step, val_loss)
+        elif args.save_interval and step % args.save_interval == 0:
+            save(step, val_loss)
+        if last:
+            break
+
+        # two schedules, one per optimizer: linear warmup then cosine to min_lr_ratio * peak
+        lr_muon = cosine_lr(step, total_steps, args.lr_muon, args.warmup_steps, args.min_lr_ratio)
+        lr_adamw = cosine_lr(step, total_steps, args.lr_adamw, args.warmup_steps, args.min_lr_ratio)
+        set_lr(muon_opt, lr_muon)
+        set_lr(adamw_opt, lr_adamw)
+
+        t0 = time.time()
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(args.accumulation_steps):
+            x, y = train_loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with ctx:
+                _, loss = model(x, y)
+            loss = loss / args.accumulation_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += loss.detach()
+        lossf = loss_sum.item()
+        if not math.isfinite(lossf):
+            die(f"loss is {lossf} at step {step}; stopping (the last checkpoint in {args.out_dir} is intact). "
+                f"Try a lower --lr_muon/--lr_adamw or --dtype bfloat16/float32.")
+
+        # gradients: AdamW's averaged over ranks here, Muon's inside DistMuon; then one global clip
+        if scaler:
+            scaler.unscale_(adamw_opt)
+            if muon_opt is not None:
+                scaler.unscale_(muon_opt)
+        pending = sync_grads(adamw_params, world_size)
+        if muon_opt is not None and world_size > 1:
+            muon_opt.reduce_grads()  # launch Muon's reduce-scatter so it overlaps the all-reduce
+        for work in pending:
+            work.wait()
+        grad_norm, clip_scale = clip_grads(muon_opt, muon_params, adamw_params, args.grad_clip, world_size)
+        if math.isfinite(grad_norm):
+            if muon_opt is not None:
+                muon_opt.step(grad_scale=clip_scale)
+            adamw_opt.step()
+        elif not scaler:
+            die(f"gradient norm is {grad_norm} at step {step}; stopping (the last checkpoint is intact)")
+        if scaler:
+            scaler.update()  # an inf/nan gradient (fp16 overflow) skipped both steps above
+        if muon_opt is not None:
+            muon_opt.zero_grad(set_to_none=True)
+        adamw_opt.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % args.log_interval == 0 or step == total_steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            tok_per_s = tokens_per_step / dt
+            mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
+            eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
+            row = {"step": step, "loss": lossf, "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
+                   "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu, "mem_gb": memory_gb(device),
+                   "tokens": step * tokens_per_step, "elapsed_s": time.time() - t_start}
+            logger.log(row, f"step {step:5d}/{total_steps} | loss {lossf:.4f} | lr_muon {lr_muon:.2e} | "
+                            f"lr_adamw {lr_adamw:.2e} | grad norm {grad_norm:.3f} | {tok_per_s:,.0f} tok/s"
+                            + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {row['mem_gb']:.2f} GB"
+                            + f" | ETA {format_eta(eta)}")
+
+    print0(f"done: {total_steps} steps in {time.time() - t_start:.0f}s, val loss {val_loss:.4f}, "
+           f"checkpoint {ckpt_path}")
+    if rank == 0 and args.sample_prompt:
+        raw_model.eval()
+        idx = torch.tensor([[tok.bos_id] + tok.encode(args.sample_prompt)], device=device)
+        n = min(48, config.max_seq_len - idx.size(1))
+        with ctx:
+            out = raw_model.generate(idx, n, temperature=0.8, top_k=40, eos_id=tok.eos_id)
+        print0(f"sample: {tok.decode(out[0, 1:].tolist())!r}")
+    logger.finish()
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
