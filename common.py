@@ -276,3 +276,122 @@ class MetricsLogger:
 def format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ------------------------------------------------------------------ later stages: SFT, DPO, sample
+
+EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "embedded")
+
+
+def resolve_chat_data(kind: str, data_path: str | None, rank: int, world_size: int):
+    """Where the SFT or DPO data of a run is: (train_file, val_file or None, data_dir or None).
+
+    Nothing: the embedded corpus (rank 0 prepares it on first use). A directory: its
+    <kind>_train.jsonl and <kind>_val.jsonl (as data/prepare.py writes them). A .jsonl file:
+    that file alone; the caller then splits a validation set off it (split_val) or reads --val_path.
+    """
+    from data.prepare import ensure_prepared  # here, not at the top: sample.py needs none of data/
+
+    if data_path is None:
+        if rank == 0:
+            ensure_prepared(EMBEDDED_DIR)
+        if world_size > 1:
+            dist.barrier()
+        data_path = EMBEDDED_DIR
+    if os.path.isdir(data_path):
+        train, val = (os.path.join(data_path, f"{kind}_{split}.jsonl") for split in ("train", "val"))
+        if not os.path.exists(train):
+            die(f"--data_path {data_path}: directory has no {kind}_train.jsonl; give a .jsonl file or a "
+                f"directory prepared by data/prepare.py with --{kind}_path")
+        return train, val if os.path.exists(val) else None, data_path
+    if not os.path.exists(data_path):
+        die(f"--data_path {data_path}: no such file or directory")
+    return data_path, None, None
+
+
+def split_val(records: list, seed: int, fraction: float = 0.02):
+    """(train, val): about `fraction` of the records (at least one) held out, chosen by seed."""
+    if len(records) < 2:
+        die(f"{len(records)} record(s) cannot be split into train and val; add data or pass --val_path")
+    n_val = max(1, round(fraction * len(records)))
+    is_val = set(torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:n_val].tolist())
+    return ([r for i, r in enumerate(records) if i not in is_val],
+            [r for i, r in enumerate(records) if i in is_val])
+
+
+def load_checkpoint_tokenizer(ckpt: dict, path: str, fallback_dir: str | None = None, override: str | None = None):
+    """The tokenizer a checkpoint was trained with: `override` if given, else the recorded
+    tokenizer_path, else fallback_dir/tokenizer.json (a checkpoint copied from another machine).
+    check_model_matches then compares fingerprints, so a different tokenizer is caught."""
+    from data.tokenizer import load_tokenizer
+
+    recorded = ckpt.get("tokenizer_path")
+    candidates = [override] if override else [recorded, fallback_dir and os.path.join(fallback_dir, "tokenizer.json")]
+    for candidate in candidates:
+        if candidate and (os.path.isfile(candidate) or override):
+            try:
+                return load_tokenizer(candidate)
+            except (ValueError, RuntimeError, FileNotFoundError) as e:
+                die(str(e))
+    die(f"{path}: its tokenizer {recorded} does not exist; pass the data directory it was prepared in "
+        f"as --data_path (or --tokenizer to sample.py)")
+
+
+@torch.no_grad()
+def answer_accuracy(model, tok, questions: list[dict], device, ctx, rank: int = 0, world_size: int = 1,
+                    max_new_tokens: int = 32):
+    """Fraction of questions answered correctly by greedy generation: each record's conversation
+    without its final assistant turn is the prompt, the reply runs to <|im_end|>, and
+    data.corpus.answer_is_correct grades it against record["answer"] and record["choices"].
+    Ranks take every world_size-th question; the counts are summed. Returns (accuracy, n).
+
+    One question at a time: prompts differ in length and the model has no padding mask. Pass
+    the uncompiled model (the KV cache changes shapes every token)."""
+    from data.chat import render_prompt
+    from data.corpus import answer_is_correct
+
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, device=device)  # correct, asked
+    for q in questions[rank::world_size]:
+        prompt = render_prompt(tok, q["conversations"])
+        room = min(max_new_tokens, model.config.max_seq_len - len(prompt))
+        if room < 1:
+            continue  # the caller filters these out up front (fits_for_answer); never counted
+        idx = torch.tensor([prompt], device=device)
+        reply = []
+        with ctx:
+            for t in model.stream(idx, room, temperature=0.0, eos_id=tok.im_end_id):
+                if t.item() == tok.im_end_id:
+                    break
+                reply.append(t.item())
+        counts[0] += answer_is_correct(tok.decode(reply), q["answer"], q["choices"])
+        counts[1] += 1
+    model.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(counts)
+    correct, asked = counts.tolist()
+    return correct / max(asked, 1), int(asked)
+
+
+def answer_questions(path: str | None, tok, max_seq_len: int, n: int):
+    """Up to n held-out questions from an SFT-format jsonl whose records carry "answer" and
+    "choices" (the embedded sft_test.jsonl does); [] when path is None. Questions whose prompt
+    leaves no room for a reply within max_seq_len are left out."""
+    if path is None or n <= 0:
+        return []
+    from data.chat import render_prompt
+    from data.readers import DataError, read_sft_jsonl
+
+    try:
+        records = read_sft_jsonl(path)
+    except DataError as e:
+        die(str(e))
+    if not all("answer" in r and "choices" in r for r in records):
+        die(f"{path}: answer accuracy needs every record to carry \"answer\" and \"choices\" keys "
+            f"(as data/embedded/sft_test.jsonl does)")
+    fit = [r for r in records if len(render_prompt(tok, r["conversations"])) + 8 <= max_seq_len]
+    if len(fit) < len(records):
+        print0(f"{path}: {len(records) - len(fit)} of {len(records)} questions do not fit max_seq_len="
+               f"{max_seq_len} with room for a reply; left out")
+    return fit[:n]

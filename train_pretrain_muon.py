@@ -9,6 +9,7 @@ loop (forward, backward, accumulation, sync, clip, both optimizer steps) -> eval
 import math
 import os
 import resource
+import signal
 import time
 
 import torch
@@ -163,6 +164,10 @@ def main():
                 "tokenizer_path": os.path.join(data_dir, "tokenizer.json"), "tokenizer_fingerprint": tok.fingerprint})
 
     # ---------------------------------------------------------------- loop
+    # Ctrl-C or a scheduler's SIGTERM: finish the step, save, exit; --resume continues exactly.
+    interrupted = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: interrupted.append(True))
     logger = MetricsLogger(args, STAGE, rank, resume=args.resume)
     flops_per_token, peak = raw_model.flops_per_token(), peak_flops(device)
     t_start, start_step, val_loss = time.time(), step, None
@@ -195,6 +200,8 @@ def main():
             loss = loss / args.accumulation_steps
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.detach()
+        if world_size > 1:  # log the global batch's loss; every rank then agrees on a NaN too
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         lossf = loss_sum.item()
         if not math.isfinite(lossf):
             die(f"loss is {lossf} at step {step}; stopping (the last checkpoint in {args.out_dir} is intact). "
@@ -238,6 +245,15 @@ def main():
                             f"lr_adamw {lr_adamw:.2e} | grad norm {grad_norm:.3f} | {tok_per_s:,.0f} tok/s"
                             + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {row['mem_gb']:.2f} GB"
                             + f" | ETA {format_eta(eta)}")
+
+        stop = torch.tensor(float(bool(interrupted)), device=device)
+        if world_size > 1:  # every rank must agree to stop at the same step
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item() and step < total_steps:
+            save(step, val_loss)
+            print0(f"interrupted: saved step {step} to {ckpt_path}; run again with --resume to continue")
+            cleanup_distributed()
+            return
 
     print0(f"done: {total_steps} steps in {time.time() - t_start:.0f}s, val loss {val_loss:.4f}, "
            f"checkpoint {ckpt_path}")

@@ -1,0 +1,195 @@
+"""Specification of train_pretrain_muon.py: runs end to end on CPU, single and multi-process, resumes
+exactly, survives a crash mid-save, and stops clearly on bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from common import save_checkpoint
+from data.prepare import prepare_default
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
+        "--num_key_value_heads", "2", "--max_seq_len", "64", "--batch_size", "8", "--eval_iters", "4",
+        "--log_interval", "1", "--warmup_steps", "5", "--sample_prompt", "", "--lr_adamw", "3e-3"]
+COMPARED = ("loss", "lr_muon", "lr_adamw", "grad_norm", "val_loss")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data") / "tiny")
+    prepare_default(out, vocab_size=512, n_stories=3000, n_sft=200, n_dpo=100, n_eval=20, quiet=True)
+    return out
+
+
+def env(**extra):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.update(extra)
+    return e
+
+
+def pretrain(data_dir, out_dir, *flags, nproc=1, check=True, **kw):
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                     "--nproc_per_node", str(nproc)]
+    cmd = launcher + ["train_pretrain_muon.py", "--data_path", data_dir, "--out_dir", str(out_dir), *TINY, *flags]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, **kw)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def metrics(out_dir):
+    """{step: merged row} from the metrics jsonl (train and eval rows of a step merged)."""
+    rows = {}
+    with open(os.path.join(out_dir, "pretrain_metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            rows.setdefault(row["step"], {}).update(row)
+    return rows
+
+
+def test_default_flags_run_end_to_end_and_write_checkpoint_and_metrics(data_dir, tmp_path):
+    r = pretrain(data_dir, tmp_path, "--max_steps", "6", "--eval_interval", "3", "--sample_prompt", "Mia lives")
+    ckpt = torch.load(tmp_path / "pretrain.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["stage"] == "pretrain"
+    assert ckpt["muon_opt"]["state"] and ckpt["adamw_opt"]["state"]
+    assert ckpt["model_config"]["hidden_size"] == 64
+    for key in ("data", "rng", "tokenizer_fingerprint", "tokenizer_path"):
+        assert key in ckpt
+    rows = metrics(tmp_path)
+    assert {0, 3, 6} <= {s for s, row in rows.items() if "val_loss" in row}
+    assert all(k in rows[6] for k in ("loss", "lr_muon", "lr_adamw", "grad_norm", "tok_per_s", "mem_gb"))
+    assert "sample: " in r.stdout
+    assert "Muon" in r.stdout and "AdamW" in r.stdout  # the split summary is printed
+
+
+def test_loss_falls_on_the_embedded_data(data_dir, tmp_path):
+    pretrain(data_dir, tmp_path, "--max_steps", "40", "--eval_interval", "40")
+    rows = metrics(tmp_path)
+    assert rows[40]["val_loss"] < rows[0]["val_loss"] - 1.5, (rows[0]["val_loss"], rows[40]["val_loss"])
+
+
+def test_adamw_baseline_trains_every_parameter_with_adamw(data_dir, tmp_path):
+    pretrain(data_dir, tmp_path, "--max_steps", "10", "--eval_interval", "10", "--optimizer", "adamw",
+             "--lr_adamw", "3e-3")
+    ckpt = torch.load(tmp_path / "pretrain.pt", weights_only=True)
+    assert ckpt["muon_opt"] is None
+    n_params = len(ckpt["adamw_opt"]["state"])
+    assert n_params == sum(len(g["params"]) for g in ckpt["adamw_opt"]["param_groups"])
+    rows = metrics(tmp_path)
+    assert rows[10]["val_loss"] < rows[0]["val_loss"] - 0.5
+
+
+def test_two_processes_follow_the_one_process_loss_curve_at_equal_global_batch(data_dir, tmp_path):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    pretrain(data_dir, one, "--max_steps", "8", "--eval_interval", "8", "--batch_size", "8")
+    pretrain(data_dir, two, "--max_steps", "8", "--eval_interval", "8", "--batch_size", "4", nproc=2)
+    a, b = metrics(one), metrics(two)
+    for step in range(1, 9):
+        # same data, same math; only float summation order differs (all-reduce, reduce-scatter)
+        assert abs(a[step]["loss"] - b[step]["loss"]) < 2e-3 * a[step]["loss"], step
+        assert abs(a[step]["grad_norm"] - b[step]["grad_norm"]) < 1e-2 * a[step]["grad_norm"], step
+    assert abs(a[8]["val_loss"] - b[8]["val_loss"]) < 5e-3 * a[8]["val_loss"]
+
+
+def test_resume_after_an_interruption_reproduces_the_uninterrupted_run_exactly(data_dir, tmp_path):
+    flags = ["--max_steps", "30", "--eval_interval", "10"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    pretrain(data_dir, straight, *flags)
+
+    cmd = [sys.executable, "train_pretrain_muon.py", "--data_path", data_dir, "--out_dir", str(broken),
+           *TINY, *flags]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = os.path.join(broken, "pretrain_metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # like Ctrl-C: the script saves at the end of the step and exits
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    stopped_at = torch.load(broken / "pretrain.pt", weights_only=True)["step"]
+    assert 0 < stopped_at < 30, out
+
+    pretrain(data_dir, broken, *flags, "--resume")
+    a, b = metrics(straight), metrics(broken)
+    assert set(a) == set(b)
+    for step in a:
+        for key in COMPARED:
+            assert a[step].get(key) == b[step].get(key), (step, key, a[step].get(key), b[step].get(key))
+
+
+def test_resume_on_a_different_number_of_processes_continues_training(data_dir, tmp_path):
+    pretrain(data_dir, tmp_path, "--max_steps", "6", "--eval_interval", "6", "--batch_size", "8")
+    before = metrics(tmp_path)[6]["val_loss"]
+    r = pretrain(data_dir, tmp_path, "--max_steps", "14", "--eval_interval", "7", "--batch_size", "4",
+                 "--resume", nproc=2)
+    assert "saved by 1 process" in r.stdout
+    ckpt = torch.load(tmp_path / "pretrain.pt", weights_only=True)
+    assert ckpt["step"] == 14 and ckpt["world_size"] == 2
+    assert metrics(tmp_path)[14]["val_loss"] < before
+
+
+def test_a_crash_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    script = (f"import torch\nfrom common import save_checkpoint\n"
+              f"save_checkpoint({path!r}, {{'step': 1, 'w': torch.ones(3)}})\nprint('saved', flush=True)\n"
+              f"while True:\n    save_checkpoint({path!r}, {{'step': 2, 'w': torch.randn(30_000_000)}})\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saved"
+    time.sleep(1.0)  # well inside a 120 MB write
+    proc.kill()
+    proc.wait()
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] in (1, 2) and ckpt["w"].numel() in (3, 30_000_000)
+
+
+def test_a_failed_checkpoint_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, {"step": 1})
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(path, {"step": 2, "bad": Unpicklable()})
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_a_missing_data_path_stops_with_a_clear_message(tmp_path):
+    r = pretrain(str(tmp_path / "nope.jsonl"), tmp_path, "--max_steps", "2", check=False)
+    assert r.returncode != 0
+    assert "nope.jsonl" in r.stderr and "no such file" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path):
+    pretrain(data_dir, tmp_path, "--max_steps", "4", "--eval_interval", "4")
+    with open(tmp_path / "pretrain.pt", "rb") as f:
+        good = f.read()
+    # an absurd AdamW LR blows the embedding up to inf within a step or two
+    r = pretrain(data_dir, tmp_path, "--max_steps", "12", "--eval_interval", "100", "--resume",
+                 "--lr_adamw", "1e38", "--warmup_steps", "0", check=False)
+    assert r.returncode != 0
+    assert "at step" in r.stderr and ("nan" in r.stderr or "inf" in r.stderr), r.stderr[-2000:]
+    with open(tmp_path / "pretrain.pt", "rb") as f:
+        assert f.read() == good
+
+
+def test_wandb_offline_run_logs_both_learning_rates(data_dir, tmp_path):
+    r = subprocess.run([sys.executable, "train_pretrain_muon.py", "--data_path", data_dir, "--out_dir",
+                        str(tmp_path), *TINY, "--max_steps", "3", "--eval_interval", "3", "--use_wandb"],
+                       cwd=ROOT, env=env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "wandb") for f in fs if f.endswith(".wandb")]
+    assert runs, "no offline wandb run was written"
+    blob = open(runs[0], "rb").read()
+    assert b"lr_muon" in blob and b"lr_adamw" in blob
