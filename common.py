@@ -149,14 +149,15 @@ def sync_grads(params, world_size: int):
     return [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in params if p.grad is not None]
 
 
-def clip_grads(muon_opt, muon_params, adamw_params, max_norm: float, world_size: int):
+def clip_grads(muon_opt, muon_params, adamw_params, max_norm: float, world_size: int, sync: bool = True):
     """Global norm of the *averaged* gradient, and the factor that clips it to max_norm.
 
     AdamW gradients are already averaged (sync_grads). Single-process Muon gradients are the
     averaged ones too. Under DistMuon the averaged Muon gradients exist only as each owner's
     slice after its reduce-scatter, so DistMuon runs that phase now and sums the squares of the
     slices across ranks (grad_sq_sum). The Muon factor is handed to muon_opt.step(grad_scale=).
-    Returns (norm: float, scale: float); a non-finite norm means an inf/nan gradient somewhere.
+    Returns (norm, scale): floats with sync=True; with sync=False 0-D tensors, so the host never
+    waits for the GPU here (a non-finite norm then shows up as a NaN loss at the next log).
     """
     sq = torch.zeros((), device=adamw_params[0].device)
     for p in adamw_params:
@@ -169,11 +170,14 @@ def clip_grads(muon_opt, muon_params, adamw_params, max_norm: float, world_size:
             for p in muon_params:
                 if p.grad is not None:
                     sq += p.grad.float().square().sum()
-    norm = sq.sqrt().item()
-    scale = min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 and math.isfinite(norm) else 1.0
-    if scale < 1.0:
+    norm = sq.sqrt()
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
         torch._foreach_mul_([p.grad for p in adamw_params if p.grad is not None], scale)
-    return norm, scale
+    else:
+        scale = torch.ones_like(norm)
+    return (norm.item(), scale.item()) if sync else (norm, scale)
 
 
 # ------------------------------------------------------------------------------ checkpoints

@@ -159,8 +159,9 @@ class Muon(torch.optim.Optimizer):
         self._stacks = {}  # see stacked_momentum
 
     @torch.no_grad()
-    def step(self, closure=None, grad_scale: float = 1.0):
-        """One Muon step; grad_scale multiplies the gradients first (the training scripts clip with it)."""
+    def step(self, closure=None, grad_scale: float | Tensor = 1.0):
+        """One Muon step; grad_scale (a float or a 0-D tensor) multiplies the gradients first:
+        the training scripts clip with it."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -169,7 +170,7 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             for bucket in _same_shape_buckets(params):
                 grads = torch.stack([matrix_view(p.grad) for p in bucket])
-                if grad_scale != 1.0:
+                if isinstance(grad_scale, Tensor) or grad_scale != 1.0:
                     grads.mul_(grad_scale)
                 bufs = stacked_momentum(self.state, self._stacks, bucket)
                 update = muon_update(grads, bufs, group["momentum"], group["nesterov"], group["ns_steps"])
@@ -271,7 +272,7 @@ class DistMuon(torch.optim.Optimizer):
         return total
 
     @torch.no_grad()
-    def step(self, closure=None, grad_scale: float = 1.0):
+    def step(self, closure=None, grad_scale: float | Tensor = 1.0):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -286,7 +287,7 @@ class DistMuon(torch.optim.Optimizer):
             update = grads.new_zeros(grads.shape, dtype=torch.bfloat16)
             if len(owned):
                 n = len(owned)
-                if grad_scale != 1.0:
+                if isinstance(grad_scale, Tensor) or grad_scale != 1.0:
                     grads.mul_(grad_scale)
                 bufs = stacked_momentum(self.state, self._stacks, [bucket[i] for i in owned])
                 update[:n] = muon_update(grads[:n], bufs, group["momentum"], group["nesterov"], group["ns_steps"])

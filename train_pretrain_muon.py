@@ -63,11 +63,11 @@ def resolve_data(data_path, rank, world_size):
 
 
 @torch.no_grad()
-def evaluate(model, val_path, args, rank, world_size, device, ctx):
+def evaluate(model, val_path, batch_size, args, rank, world_size, device, ctx):
     """Mean loss over a fixed set of val windows, averaged over ranks."""
     model.eval()
     total, count = torch.zeros((), device=device), 0
-    for x, y in eval_batches(val_path, args.batch_size, args.max_seq_len, args.eval_iters * world_size,
+    for x, y in eval_batches(val_path, batch_size, args.max_seq_len, args.eval_iters * world_size,
                              rank, world_size):
         with ctx:
             _, loss = model(x.to(device), y.to(device))
@@ -78,6 +78,12 @@ def evaluate(model, val_path, args, rank, world_size, device, ctx):
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         count *= world_size
     return (total / count).item()
+
+
+def sync_time(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
 
 
 def memory_gb(device):
@@ -104,7 +110,10 @@ def main():
         train_loader = TokenWindowLoader(os.path.join(data_dir, "train.bin"), args.batch_size, args.max_seq_len,
                                          rank, world_size, seed=args.seed)
         val_path = os.path.join(data_dir, "val.bin")
-        TokenWindowLoader(val_path, 1, args.max_seq_len)  # fails early and clearly if val is too short
+        val_windows = (TokenWindowLoader(val_path, 1, args.max_seq_len).num_tokens - 1) // args.max_seq_len
+        if val_windows < world_size:
+            raise DataError(f"{val_path}: too short for one window of {args.max_seq_len} tokens per process")
+        eval_batch_size = min(args.batch_size, val_windows // world_size)  # a small val set still evaluates
     except (DataError, FileNotFoundError) as e:
         die(str(e))
     tokens_per_step = args.batch_size * args.max_seq_len * args.accumulation_steps * world_size
@@ -164,17 +173,25 @@ def main():
                 "tokenizer_path": os.path.join(data_dir, "tokenizer.json"), "tokenizer_fingerprint": tok.fingerprint})
 
     # ---------------------------------------------------------------- loop
-    # Ctrl-C or a scheduler's SIGTERM: finish the step, save, exit; --resume continues exactly.
+    # Ctrl-C or a scheduler's SIGTERM: save at the next logged step and exit; --resume continues exactly.
     interrupted = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: interrupted.append(True))
     logger = MetricsLogger(args, STAGE, rank, resume=args.resume)
     flops_per_token, peak = raw_model.flops_per_token(), peak_flops(device)
+
+    def is_logged(step):  # the host waits for the GPU only on these steps
+        return (step % args.log_interval == 0 or step == total_steps or step % args.eval_interval == 0
+                or (args.save_interval and step % args.save_interval == 0))
+
     t_start, start_step, val_loss = time.time(), step, None
+    t_log, step_log, losses = t_start, step, []
     while True:
         last = step == total_steps
         if step % args.eval_interval == 0 or last:
-            val_loss = evaluate(model, val_path, args, rank, world_size, device, ctx)
+            val_loss = evaluate(model, val_path, eval_batch_size, args, rank, world_size, device, ctx)
+            if not math.isfinite(val_loss):
+                die(f"val loss is {val_loss} at step {step}; stopping (the last checkpoint is intact)")
             logger.log({"step": step, "val_loss": val_loss, "tokens": step * tokens_per_step},
                        f"step {step:5d} | val loss {val_loss:.4f}")
             if step > start_step:
@@ -190,10 +207,11 @@ def main():
         set_lr(muon_opt, lr_muon)
         set_lr(adamw_opt, lr_adamw)
 
-        t0 = time.time()
         loss_sum = torch.zeros((), device=device)
         for _ in range(args.accumulation_steps):
             x, y = train_loader.next_batch()
+            if device.type == "cuda":  # pinned memory lets the copy run without stalling the host
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with ctx:
                 _, loss = model(x, y)
@@ -202,10 +220,7 @@ def main():
             loss_sum += loss.detach()
         if world_size > 1:  # log the global batch's loss; every rank then agrees on a NaN too
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        lossf = loss_sum.item()
-        if not math.isfinite(lossf):
-            die(f"loss is {lossf} at step {step}; stopping (the last checkpoint in {args.out_dir} is intact). "
-                f"Try a lower --lr_muon/--lr_adamw or --dtype bfloat16/float32.")
+        losses.append(loss_sum)
 
         # gradients: AdamW's averaged over ranks here, Muon's inside DistMuon; then one global clip
         if scaler:
@@ -217,34 +232,46 @@ def main():
             muon_opt.reduce_grads()  # launch Muon's reduce-scatter so it overlaps the all-reduce
         for work in pending:
             work.wait()
-        grad_norm, clip_scale = clip_grads(muon_opt, muon_params, adamw_params, args.grad_clip, world_size)
-        if math.isfinite(grad_norm):
+        # fp16 must see the norm now, to skip a step with an inf gradient; otherwise stay asynchronous
+        grad_norm, clip_scale = clip_grads(muon_opt, muon_params, adamw_params, args.grad_clip, world_size,
+                                           sync=scaler is not None)
+        timed = muon_opt is not None and is_logged(step + 1)  # time the Muon step on logged steps only
+        if not scaler or math.isfinite(grad_norm):
+            t_muon = sync_time(device) if timed else 0.0
             if muon_opt is not None:
                 muon_opt.step(grad_scale=clip_scale)
+            muon_ms = (sync_time(device) - t_muon) * 1e3 if timed else None
             adamw_opt.step()
-        elif not scaler:
-            die(f"gradient norm is {grad_norm} at step {step}; stopping (the last checkpoint is intact)")
         if scaler:
             scaler.update()  # an inf/nan gradient (fp16 overflow) skipped both steps above
         if muon_opt is not None:
             muon_opt.zero_grad(set_to_none=True)
         adamw_opt.zero_grad(set_to_none=True)
         step += 1
+        if not is_logged(step):
+            continue
 
-        if step % args.log_interval == 0 or step == total_steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            tok_per_s = tokens_per_step / dt
-            mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
-            eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
-            row = {"step": step, "loss": lossf, "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
-                   "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu, "mem_gb": memory_gb(device),
-                   "tokens": step * tokens_per_step, "elapsed_s": time.time() - t_start}
-            logger.log(row, f"step {step:5d}/{total_steps} | loss {lossf:.4f} | lr_muon {lr_muon:.2e} | "
-                            f"lr_adamw {lr_adamw:.2e} | grad norm {grad_norm:.3f} | {tok_per_s:,.0f} tok/s"
-                            + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {row['mem_gb']:.2f} GB"
-                            + f" | ETA {format_eta(eta)}")
+        # ---- logged step: look at the losses since the last one, log, maybe stop
+        recent = torch.stack(losses).tolist()
+        bad = [i for i, v in enumerate(recent) if not math.isfinite(v)]
+        if bad:
+            die(f"loss is {recent[bad[0]]} at step {step_log + bad[0]}; stopping (the last checkpoint in "
+                f"{args.out_dir} is intact). Try a lower --lr_muon/--lr_adamw or --dtype bfloat16/float32.")
+        dt = (time.time() - t_log) / (step - step_log)
+        tok_per_s = tokens_per_step / dt
+        mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
+        eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
+        grad_norm = float(grad_norm)
+        row = {"step": step, "loss": recent[-1], "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
+               "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu, "mem_gb": memory_gb(device),
+               "muon_ms": muon_ms, "step_ms": dt * 1e3, "tokens": step * tokens_per_step,
+               "elapsed_s": time.time() - t_start}
+        logger.log(row, f"step {step:5d}/{total_steps} | loss {recent[-1]:.4f} | lr_muon {lr_muon:.2e} | "
+                        f"lr_adamw {lr_adamw:.2e} | grad norm {grad_norm:.3f} | {tok_per_s:,.0f} tok/s"
+                        + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {row['mem_gb']:.2f} GB"
+                        + (f" | muon {muon_ms:.1f}/{dt * 1e3:.0f} ms" if muon_ms else "")
+                        + f" | ETA {format_eta(eta)}")
+        t_log, step_log, losses = time.time(), step, []
 
         stop = torch.tensor(float(bool(interrupted)), device=device)
         if world_size > 1:  # every rank must agree to stop at the same step

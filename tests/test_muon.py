@@ -218,6 +218,20 @@ def _dist_worker(rank, world_size, tmp, init_file, plan):
             state_numel = sum(s["momentum_buffer"].numel() for s in opt.state.values())
             torch.save({"state_numel": state_numel}, os.path.join(tmp, f"rank{rank}.pt"))
             return
+        if plan[0] == "clip":
+            params = make_params()
+            opt = DistMuon(param_groups(params))
+            for p, g in zip(params, local_grads(0, rank, world_size)):
+                p.grad = g
+            opt.reduce_grads()
+            opt.zero_grad()  # a skipped step: the launched reduce-scatter is dropped, nothing applied
+            assert opt._pending is None and all(p.grad is None for p in params)
+            for p, g in zip(params, local_grads(0, rank, world_size)):
+                p.grad = g
+            sq = opt.grad_sq_sum()
+            opt.step(grad_scale=0.5)
+            torch.save({"params": [p.detach() for p in params], "sq": sq}, os.path.join(tmp, f"rank{rank}.pt"))
+            return
         params = make_params()
         opt = DistMuon(param_groups(params))
         start = 0
@@ -283,6 +297,33 @@ def test_dist_muon_momentum_memory_per_rank_is_a_world_size_share(tmp_path):
     total = sum(math.prod(s) for s in GPT_SHAPES)
     for r in results:
         assert r["state_numel"] <= 1.3 * total / world_size, (r["state_numel"], total)
+
+
+def test_dist_muon_clips_by_the_norm_of_the_averaged_gradient(tmp_path):
+    # grad_sq_sum is the squared norm of the average over ranks (not of any rank's own gradient),
+    # and step(grad_scale=s) equals Muon stepping on s times the averaged gradient.
+    want_sq = sum(g.square().sum() for g in global_grads(0))
+    params = make_params()
+    opt = Muon(param_groups(params))
+    for p, g in zip(params, global_grads(0)):
+        p.grad = g
+    opt.step(grad_scale=0.5)
+    for r in run_dist(3, tmp_path, ("clip",)):
+        torch.testing.assert_close(r["sq"], want_sq, rtol=1e-5, atol=0)
+        for got, want in zip(r["params"], params):
+            torch.testing.assert_close(got, want.detach(), **TOL)
+
+
+def test_muon_grad_scale_equals_scaling_the_gradients():
+    a, b = make_params(), make_params()
+    opt_a, opt_b = Muon(param_groups(a)), Muon(param_groups(b))
+    for step in range(2):
+        for pa, pb, g in zip(a, b, global_grads(step)):
+            pa.grad, pb.grad = g.clone(), 0.25 * g
+        opt_a.step(grad_scale=0.25)
+        opt_b.step()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, atol=0, rtol=0)
 
 
 def test_dist_muon_state_moves_between_world_sizes_and_into_muon(tmp_path):

@@ -1,0 +1,135 @@
+"""Generate text from a checkpoint, or chat with a fine-tuned one, printing tokens as they come.
+
+    python sample.py --ckpt out/pretrain.pt --prompt "Mia lives in"      # continue plain text
+    python sample.py --ckpt out/sft.pt --prompt "Tom has a red kite. What colour is Tom's kite?"
+    python sample.py --ckpt out/dpo.pt --chat                             # talk; Ctrl-D or "exit" ends
+
+A pretraining checkpoint continues the prompt as plain text after <|bos|>; an SFT or DPO
+checkpoint (or any checkpoint with --chat) gets the prompt as a user turn in the chat template
+and replies until <|im_end|>.
+"""
+import argparse
+import sys
+
+import torch
+
+from common import autocast, die, load_checkpoint, load_checkpoint_tokenizer
+from data.chat import render_prompt
+from model import GPT, ModelConfig
+
+DEFAULT_PROMPTS = {
+    "text": "Mia lives in",
+    "chat": "Story: Mia has a red kite. Tom has a blue drum.\n\nQuestion: What colour is Mia's kite?",
+}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out/sft.pt", help="checkpoint of any stage")
+    p.add_argument("--prompt", default=None, help="text to continue, or the user's message to a chat checkpoint")
+    p.add_argument("--chat", action="store_true", help="interactive conversation (input() until EOF or exit)")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="clamped to what fits in the context")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=40, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's own")
+    return p.parse_args()
+
+
+def stream_text(model, tok, ids, args, eos_id, device, ctx):
+    """Generate after `ids`, printing text as it comes; returns the generated ids (without eos).
+
+    The whole generated list is decoded each time and only the new suffix printed: a character of
+    several UTF-8 bytes can span tokens, and decoding token by token would print it broken. A
+    trailing U+FFFD (an incomplete character) is held back until the next token completes it.
+    """
+    room = model.config.max_seq_len - len(ids)
+    n = min(args.max_new_tokens, room)
+    if n < 1:
+        print(f"[the prompt has {len(ids)} tokens and fills the context (max_seq_len="
+              f"{model.config.max_seq_len}); shorten it]", file=sys.stderr)
+        return []
+    if n < args.max_new_tokens and not args.chat:
+        print(f"[max_new_tokens clamped to {n}: prompt ({len(ids)} tokens) + reply must fit in max_seq_len="
+              f"{model.config.max_seq_len}]", file=sys.stderr)
+    out, shown = [], ""
+    idx = torch.tensor([ids], device=device)
+    with ctx:
+        for t in model.stream(idx, n, temperature=args.temperature, top_k=args.top_k or None, eos_id=eos_id):
+            if t.item() == eos_id:
+                break
+            out.append(t.item())
+            text = tok.decode(out)
+            if text.endswith("\ufffd"):
+                continue
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    print(tok.decode(out)[len(shown):], flush=True)
+    return out
+
+
+def main():
+    args = parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        die("--device cuda was asked for but no CUDA GPU is available")
+    device = torch.device(args.device)
+    ctx = autocast(device, "bfloat16" if device.type == "cuda" else "float32")
+    torch.manual_seed(args.seed)
+
+    ckpt = load_checkpoint(args.ckpt)
+    tok = load_checkpoint_tokenizer(ckpt, args.ckpt, override=args.tokenizer)
+    if ckpt.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
+        die(f"{args.ckpt} was trained with another tokenizer than {tok.name}; leave out --tokenizer")
+    model = GPT(ModelConfig(**ckpt["model_config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    stage = ckpt.get("stage", "pretrain")
+    chat = args.chat or stage != "pretrain"
+    print(f"[{args.ckpt}: {stage} checkpoint, step {ckpt.get('step')}, {model.num_params() / 1e6:.2f}M parameters]",
+          file=sys.stderr)
+    del ckpt
+
+    if not args.chat:
+        prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPTS["chat" if chat else "text"]
+        if chat:  # a fine-tuned model answers the prompt as a user turn
+            stream_text(model, tok, render_prompt(tok, [{"role": "user", "content": prompt}]), args,
+                        tok.im_end_id, device, ctx)
+        else:
+            print(prompt, end="")
+            stream_text(model, tok, [tok.bos_id] + tok.encode(prompt), args, tok.eos_id, device, ctx)
+        return
+
+    if stage == "pretrain":
+        print("[a pretraining checkpoint was never taught the chat format; expect odd replies]", file=sys.stderr)
+    print(f"[chat: type a message; Ctrl-D, 'exit' or 'quit' ends. Replies stop at <|im_end|>, after "
+          f"--max_new_tokens or at the context limit (max_seq_len={model.config.max_seq_len}); old turns are "
+          f"dropped when the conversation outgrows it]", file=sys.stderr)
+    messages = []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            break
+        if line in ("exit", "quit"):
+            break
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = render_prompt(tok, messages)
+        # forget the oldest turns while the conversation leaves too little room for a reply
+        while len(ids) + 16 > model.config.max_seq_len and len(messages) > 1:
+            messages = messages[2:]
+            ids = render_prompt(tok, messages)
+        reply = stream_text(model, tok, ids, args, tok.im_end_id, device, ctx)
+        if not reply and len(ids) >= model.config.max_seq_len:
+            messages.pop()  # did not fit: forget it so the next message can
+            continue
+        messages.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+if __name__ == "__main__":
+    main()

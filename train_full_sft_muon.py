@@ -1,0 +1,267 @@
+"""Stage 2: full supervised fine-tuning on chat conversations, Muon (matrices) + AdamW (the rest).
+
+    python train_full_sft_muon.py                                 # from out/pretrain.pt, embedded chat data
+    python train_full_sft_muon.py --data_path sft.jsonl --init_from out/pretrain.pt
+    torchrun --nproc_per_node 8 train_full_sft_muon.py --data_path sft.jsonl --val_path sft_val.jsonl
+
+Every weight of the pretrained model is trained, on the assistant tokens only (the loss mask of
+data/chat.py: assistant content and its <|im_end|>). The model's shape and tokenizer come from
+--init_from (default <out_dir>/pretrain.pt). Evaluation: masked val loss, and answer accuracy
+(greedy replies to held-out questions, graded by data.corpus.answer_is_correct) at step 0 and at
+the end, so the gain over the pretrained model is visible. --data_path: a .jsonl file
+({"conversations"} or {"messages"}) or a prepared directory (its sft_{train,val,test}.jsonl).
+"""
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from common import (MetricsLogger, answer_accuracy, answer_questions, autocast, check_model_matches,
+                    cleanup_distributed, clip_grads, cosine_lr, die, format_eta, load_checkpoint,
+                    load_checkpoint_tokenizer, make_optimizers, peak_flops, print0, resolve_chat_data,
+                    rng_state, save_checkpoint, set_lr, set_rng_state, setup_distributed, split_val,
+                    sync_grads, train_arg_parser)
+from data.loaders import SFTLoader, collate_sft, encode_sft
+from data.readers import DataError, read_sft_jsonl
+from model import GPT, ModelConfig, split_params, split_summary
+
+STAGE = "sft"
+
+
+def parse_args():
+    p = train_arg_parser(__doc__)
+    # stage defaults: lower peaks than pretraining (the weights are already good; keep them), a
+    # short warmup, a few CPU minutes on the embedded data. Measurements behind them: README.
+    p.set_defaults(batch_size=16, max_steps=400, lr_muon=0.005, lr_adamw=2e-4, momentum=0.9,
+                   warmup_steps=10, eval_interval=200, log_interval=10)
+    p.add_argument("--val_path", default=None, help="SFT validation jsonl (default: 2%% of a --data_path file)")
+    p.add_argument("--eval_path", default=None,
+                   help="held-out questions with \"answer\"/\"choices\" keys for answer accuracy "
+                        "(default: sft_test.jsonl of the data directory; none for a plain file)")
+    p.add_argument("--eval_questions", type=int, default=100, help="questions per answer-accuracy eval (0: off)")
+    return p.parse_args()
+
+
+def sft_batches(encoded, batch_size, max_batches, rank, world_size, pad_id):
+    """A fixed validation set: the first max_batches * batch_size examples, batches dealt to ranks."""
+    n = min(len(encoded), max_batches * batch_size)
+    for b, start in enumerate(range(0, n, batch_size)):
+        if b % world_size == rank:
+            yield collate_sft(encoded[start:start + batch_size], pad_id)
+
+
+@torch.no_grad()
+def evaluate(model, val_encoded, args, rank, world_size, device, ctx, pad_id):
+    """Masked loss over the val examples, weighted by trained tokens, summed over ranks."""
+    model.eval()
+    totals = torch.zeros(2, device=device)  # loss * tokens, tokens
+    for x, y, mask in sft_batches(val_encoded, args.batch_size, args.eval_iters, rank, world_size, pad_id):
+        x, y, mask = x.to(device), y.to(device), mask.to(device)
+        with ctx:
+            _, loss = model(x, y, loss_mask=mask)
+        n = ((y != -1) & (mask == 1)).sum()
+        totals += torch.stack([loss.float() * n, n.float()])
+    model.train()
+    if world_size > 1:
+        dist.all_reduce(totals)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def main():
+    args = parse_args()
+    rank, world_size, device = setup_distributed(args.device)
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    ctx = autocast(device, args.dtype)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---------------------------------------------------------------- starting point
+    # --init_from gives the weights, shape and tokenizer; --resume takes all three (and the
+    # optimizers, data position and RNG) from this stage's own checkpoint instead.
+    ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
+    args.init_from = args.init_from or os.path.join(args.out_dir, "pretrain.pt")
+    start_path = ckpt_path if args.resume else args.init_from
+    ckpt = load_checkpoint(start_path)
+    train_file, val_file, data_dir = resolve_chat_data(STAGE, args.data_path, rank, world_size)
+    tok = load_checkpoint_tokenizer(ckpt, start_path, data_dir)
+    check_model_matches(ckpt, args, tok.fingerprint, start_path)
+    config = ModelConfig(**ckpt["model_config"])
+
+    # ---------------------------------------------------------------- data
+    try:
+        train_records = read_sft_jsonl(train_file)
+        if args.val_path or val_file:
+            val_records = read_sft_jsonl(args.val_path or val_file)
+        else:
+            train_records, val_records = split_val(train_records, args.seed)
+        train_encoded, n_cut = encode_sft(tok, train_records, config.max_seq_len)
+        val_encoded, _ = encode_sft(tok, val_records, config.max_seq_len)
+        train_loader = SFTLoader(train_encoded, args.batch_size, rank, world_size, seed=args.seed, pad_id=tok.pad_id)
+    except DataError as e:
+        die(str(e))
+    print0(f"data: {train_file}: {len(train_records):,} conversations, {n_cut:,} longer than max_seq_len="
+           f"{config.max_seq_len} (truncated; {len(train_records) - len(train_encoded):,} of them dropped: no "
+           f"assistant token left); {len(val_encoded):,} val conversations")
+    eval_path = args.eval_path or (data_dir and os.path.join(data_dir, "sft_test.jsonl"))
+    questions = answer_questions(eval_path if eval_path and os.path.exists(eval_path) else None, tok,
+                                 config.max_seq_len, args.eval_questions)
+    if args.max_steps:
+        total_steps = args.max_steps
+    elif args.epochs:
+        total_steps = math.ceil(args.epochs * train_loader.batches_per_epoch / args.accumulation_steps)
+    else:
+        die("set --max_steps or --epochs")
+    examples_per_step = args.batch_size * args.accumulation_steps * world_size
+    print0(f"{examples_per_step} conversations per step, {total_steps} steps "
+           f"({total_steps * examples_per_step / len(train_encoded):.2f} epochs); answer accuracy on "
+           + (f"{len(questions)} questions from {eval_path}" if questions else "no questions (no --eval_path)"))
+
+    # ---------------------------------------------------------------- model
+    raw_model = GPT(config).to(device)
+    raw_model.load_state_dict(ckpt["model"])
+    model = torch.compile(raw_model) if use_compile else raw_model
+    print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters from {start_path}, {config}")
+
+    # ---------------------------------------------------------------- optimizers
+    # The split: every matrix inside the transformer blocks goes to Muon; the embedding, the
+    # (tied) head, all norm weights and anything 1-D go to AdamW. --optimizer adamw: all AdamW.
+    # Fresh optimizer state: pretraining's momentum belongs to another objective.
+    muon_params, adamw_params = split_params(raw_model)
+    print0(split_summary(raw_model, muon_params, adamw_params))
+    if args.optimizer == "adamw":
+        muon_params, adamw_params = [], muon_params + adamw_params
+    muon_opt, adamw_opt = make_optimizers(muon_params, adamw_params, args, world_size, device)
+    scaler = torch.amp.GradScaler(device.type) if args.dtype == "float16" else None
+    step = 0
+    if args.resume:
+        if muon_opt is not None:
+            muon_opt.load_state_dict(ckpt["muon_opt"])
+        adamw_opt.load_state_dict(ckpt["adamw_opt"])
+        train_loader.load_state_dict(ckpt["data"])
+        set_rng_state(ckpt["rng"], device)
+        step = ckpt["step"]
+        print0(f"resumed {ckpt_path} at step {step} (saved by {ckpt['world_size']} process(es))")
+    metrics = {k: ckpt[k] for k in ("val_loss", "answer_acc") if args.resume and k in ckpt}
+    del ckpt
+
+    def save(step, metrics):
+        # DistMuon.state_dict is collective: every rank gathers, rank 0 writes
+        muon_state = muon_opt.state_dict() if muon_opt is not None else None
+        if rank == 0:
+            save_checkpoint(ckpt_path, {
+                "stage": STAGE, "step": step, "model": raw_model.state_dict(),
+                "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_opt.state_dict(),
+                "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
+                "world_size": world_size, "tokenizer_path": tok.name, "tokenizer_fingerprint": tok.fingerprint,
+                "init_from": args.init_from, **metrics})
+
+    # ---------------------------------------------------------------- loop
+    # Ctrl-C or a scheduler's SIGTERM: finish the step, save, exit; --resume continues exactly.
+    interrupted = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: interrupted.append(True))
+    logger = MetricsLogger(args, STAGE, rank, resume=args.resume)
+    flops_per_token, peak = raw_model.flops_per_token(), peak_flops(device)
+    t_start, start_step = time.time(), step
+    while True:
+        last = step == total_steps
+        if step % args.eval_interval == 0 or last:
+            metrics = {"val_loss": evaluate(model, val_encoded, args, rank, world_size, device, ctx, tok.pad_id)}
+            console = f"step {step:5d} | val loss {metrics['val_loss']:.4f}"
+            if questions:
+                metrics["answer_acc"], n = answer_accuracy(raw_model, tok, questions, device, ctx, rank, world_size)
+                console += f" | answer accuracy {metrics['answer_acc']:.1%} of {n}"
+            logger.log({"step": step, **metrics}, console)
+            if step > start_step:
+                save(step, metrics)
+        elif args.save_interval and step % args.save_interval == 0:
+            save(step, metrics)
+        if last:
+            break
+
+        # two schedules, one per optimizer: linear warmup then cosine to min_lr_ratio * peak
+        lr_muon = cosine_lr(step, total_steps, args.lr_muon, args.warmup_steps, args.min_lr_ratio)
+        lr_adamw = cosine_lr(step, total_steps, args.lr_adamw, args.warmup_steps, args.min_lr_ratio)
+        set_lr(muon_opt, lr_muon)
+        set_lr(adamw_opt, lr_adamw)
+
+        t0 = time.time()
+        sums = torch.zeros(2, device=device)  # loss, non-padding tokens
+        for _ in range(args.accumulation_steps):
+            x, y, mask = train_loader.next_batch()
+            x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
+            with ctx:
+                _, loss = model(x, y, loss_mask=mask)  # mean over assistant tokens only
+            loss = loss / args.accumulation_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+            sums += torch.stack([loss.detach(), (y != -1).sum().float()])
+        if world_size > 1:  # log the global batch's loss; every rank then agrees on a NaN too
+            dist.all_reduce(sums, op=dist.ReduceOp.AVG)
+        lossf, n_tokens = sums.tolist()
+        n_tokens *= world_size
+        if not math.isfinite(lossf):
+            die(f"loss is {lossf} at step {step}; stopping (the last checkpoint in {args.out_dir} is intact). "
+                f"Try a lower --lr_muon/--lr_adamw or --dtype bfloat16/float32.")
+
+        # gradients: AdamW's averaged over ranks here, Muon's inside DistMuon; then one global clip
+        if scaler:
+            scaler.unscale_(adamw_opt)
+            if muon_opt is not None:
+                scaler.unscale_(muon_opt)
+        pending = sync_grads(adamw_params, world_size)
+        if muon_opt is not None and world_size > 1:
+            muon_opt.reduce_grads()  # launch Muon's reduce-scatter so it overlaps the all-reduce
+        for work in pending:
+            work.wait()
+        grad_norm, clip_scale = clip_grads(muon_opt, muon_params, adamw_params, args.grad_clip, world_size)
+        if math.isfinite(grad_norm):
+            if muon_opt is not None:
+                muon_opt.step(grad_scale=clip_scale)
+            adamw_opt.step()
+        elif not scaler:
+            die(f"gradient norm is {grad_norm} at step {step}; stopping (the last checkpoint is intact)")
+        if scaler:
+            scaler.update()  # an inf/nan gradient (fp16 overflow) skipped both steps above
+        if muon_opt is not None:
+            muon_opt.zero_grad(set_to_none=True)
+        adamw_opt.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % args.log_interval == 0 or step == total_steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            tok_per_s = n_tokens / dt  # non-padding tokens of all ranks
+            mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
+            eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
+            row = {"step": step, "loss": lossf, "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
+                   "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu,
+                   "examples": step * examples_per_step, "elapsed_s": time.time() - t_start}
+            logger.log(row, f"step {step:5d}/{total_steps} | loss {lossf:.4f} | lr_muon {lr_muon:.2e} | "
+                            f"lr_adamw {lr_adamw:.2e} | grad norm {grad_norm:.3f} | {tok_per_s:,.0f} tok/s"
+                            + (f" | MFU {mfu:.1%}" if mfu else "") + f" | ETA {format_eta(eta)}")
+
+        stop = torch.tensor(float(bool(interrupted)), device=device)
+        if world_size > 1:  # every rank must agree to stop at the same step
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item() and step < total_steps:
+            save(step, metrics)
+            print0(f"interrupted: saved step {step} to {ckpt_path}; run again with --resume to continue")
+            cleanup_distributed()
+            return
+
+    print0(f"done: {total_steps} steps in {time.time() - t_start:.0f}s, val loss {metrics['val_loss']:.4f}"
+           + (f", answer accuracy {metrics['answer_acc']:.1%}" if "answer_acc" in metrics else "")
+           + f", checkpoint {ckpt_path}")
+    logger.finish()
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
