@@ -1,6 +1,7 @@
 """Readers for real data: accepted formats, and one clear DataError (file:line) per bad input."""
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -44,8 +45,8 @@ def test_directory_reads_supported_files_in_sorted_order_skipping_hidden(tmp_pat
     assert list(read_pretrain_texts(str(tmp_path))) == ["from a", "from b", "from c/part"]
 
 
-@pytest.mark.skipif(not HAS_PYARROW, reason="pyarrow not installed")
 def test_parquet_text_column_is_read(tmp_path):
+    assert HAS_PYARROW, "pyarrow is in requirements.txt"
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -53,8 +54,9 @@ def test_parquet_text_column_is_read(tmp_path):
     assert list(read_pretrain_texts(str(tmp_path / "a.parquet"))) == ["doc one", "doc two"]
 
 
-@pytest.mark.skipif(HAS_PYARROW, reason="pyarrow is installed")
-def test_parquet_without_pyarrow_says_to_install_it(tmp_path):
+def test_parquet_without_pyarrow_says_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` fail as if not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     (tmp_path / "a.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"a\.parquet.*pip install pyarrow"):
         read_pretrain_texts(str(tmp_path / "a.parquet"))
