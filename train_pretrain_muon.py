@@ -25,6 +25,8 @@ from data.tokenizer import load_tokenizer
 from model import GPT, ModelConfig, split_params, split_summary
 
 STAGE = "pretrain"
+DEFAULT_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                     max_seq_len=256)  # 3.2M parameters on the embedded corpus: a CPU demo in minutes
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED = os.path.join(ROOT, "data", "embedded")
 
@@ -32,9 +34,9 @@ EMBEDDED = os.path.join(ROOT, "data", "embedded")
 def parse_args():
     p = train_arg_parser(__doc__)
     # stage defaults: a model and a run sized for a few minutes on a 2-core CPU
-    p.set_defaults(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                   max_seq_len=256, batch_size=16, max_steps=300, lr_muon=0.02, lr_adamw=5e-4,
-                   momentum=0.95, warmup_steps=20, eval_interval=100)
+    # (the model shape stays None here: a --resume run takes its shape from the checkpoint)
+    p.set_defaults(batch_size=16, max_steps=300, lr_muon=0.02, lr_adamw=5e-4, momentum=0.95,
+                   warmup_steps=20, eval_interval=100)
     p.add_argument("--sample_prompt", default="Mia lives in", help="text continued at the end of the run")
     return p.parse_args()
 
@@ -103,6 +105,14 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    # --init_from: continue pretraining from another run's weights, with fresh optimizers
+    init = load_checkpoint(args.init_from) if args.init_from and ckpt is None else None
+    for name, default in DEFAULT_SHAPE.items():  # flags given > the checkpoint's shape > defaults
+        if getattr(args, name) is None:
+            setattr(args, name, (ckpt or init)["model_config"][name] if (ckpt or init) else default)
+
     # ---------------------------------------------------------------- data
     try:
         data_dir = resolve_data(args.data_path, rank, world_size)
@@ -128,16 +138,22 @@ def main():
            f"({total_steps * tokens_per_step / train_loader.num_tokens:.2f} epochs)")
 
     # ---------------------------------------------------------------- model
-    ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if init is not None:
+        check_model_matches(init, args, tok.fingerprint, args.init_from)
     if ckpt is not None:
         check_model_matches(ckpt, args, tok.fingerprint, ckpt_path)
-    config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden_size,
-                         num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
-                         num_key_value_heads=args.num_key_value_heads, max_seq_len=args.max_seq_len)
+        if ckpt["args"]["optimizer"] != args.optimizer:
+            die(f"{ckpt_path} was trained with --optimizer {ckpt['args']['optimizer']}; resume with the same")
+    try:
+        config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden_size,
+                             num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
+                             num_key_value_heads=args.num_key_value_heads, max_seq_len=args.max_seq_len)
+    except ValueError as e:
+        die(str(e))
     raw_model = GPT(config).to(device)
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
+    if ckpt is not None or init is not None:
+        raw_model.load_state_dict((ckpt or init)["model"])
+    del init
     model = torch.compile(raw_model) if use_compile else raw_model
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {config}")
 

@@ -193,3 +193,19 @@ def test_wandb_offline_run_logs_both_learning_rates(data_dir, tmp_path):
     assert runs, "no offline wandb run was written"
     blob = open(runs[0], "rb").read()
     assert b"lr_muon" in blob and b"lr_adamw" in blob
+
+
+def test_init_from_starts_from_the_checkpoint_weights_and_refuses_another_shape(data_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    pretrain(data_dir, first, "--max_steps", "6", "--eval_interval", "6")
+    # shape flags left out: the checkpoint's shape is used, and training starts where it ended
+    i = TINY.index("--hidden_size")
+    flags = TINY[:i] + TINY[i + 4:]  # without --hidden_size 64 --num_hidden_layers 2
+    r = subprocess.run([sys.executable, "train_pretrain_muon.py", "--data_path", data_dir, "--out_dir", str(second),
+                        *flags, "--init_from", str(first / "pretrain.pt"), "--max_steps", "2",
+                        "--eval_interval", "2"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert metrics(second)[0]["val_loss"] == metrics(first)[6]["val_loss"]
+    bad = pretrain(data_dir, tmp_path / "third", "--init_from", str(first / "pretrain.pt"), "--hidden_size", "32",
+                   "--max_steps", "2", check=False)
+    assert bad.returncode != 0 and "hidden_size=64" in bad.stderr and "Traceback" not in bad.stderr
