@@ -294,7 +294,7 @@ def resolve_chat_data(kind: str, data_path: str | None, rank: int, world_size: i
     <kind>_train.jsonl and <kind>_val.jsonl (as data/prepare.py writes them). A .jsonl file:
     that file alone; the caller then splits a validation set off it (split_val) or reads --val_path.
     """
-    from data.prepare import ensure_prepared  # here, not at the top: sample.py needs none of data/
+    from data.prepare import ensure_prepared
 
     if data_path is None:
         if rank == 0:
@@ -332,7 +332,9 @@ def load_checkpoint_tokenizer(ckpt: dict, path: str, fallback_dir: str | None = 
     recorded = ckpt.get("tokenizer_path")
     candidates = [override] if override else [recorded, fallback_dir and os.path.join(fallback_dir, "tokenizer.json")]
     for candidate in candidates:
-        if candidate and (os.path.isfile(candidate) or override):
+        # a file, or a tiktoken name such as "gpt2" (no path separator, no .json)
+        named = candidate and os.sep not in candidate and not candidate.endswith(".json")
+        if candidate and (os.path.isfile(candidate) or named or override):
             try:
                 return load_tokenizer(candidate)
             except (ValueError, RuntimeError, FileNotFoundError) as e:
@@ -378,15 +380,17 @@ def answer_accuracy(model, tok, questions: list[dict], device, ctx, rank: int = 
     return correct / max(asked, 1), int(asked)
 
 
-def answer_questions(path: str | None, tok, max_seq_len: int, n: int):
-    """Up to n held-out questions from an SFT-format jsonl whose records carry "answer" and
-    "choices" (the embedded sft_test.jsonl does); [] when path is None. Questions whose prompt
+def answer_questions(eval_path: str | None, data_dir: str | None, tok, max_seq_len: int, n: int):
+    """(questions, path): up to n held-out questions for answer_accuracy from an SFT-format jsonl
+    whose records carry "answer" and "choices" keys: eval_path if given, else the data directory's
+    sft_test.jsonl if there is one (the embedded corpus has it), else none. Questions whose prompt
     leaves no room for a reply within max_seq_len are left out."""
-    if path is None or n <= 0:
-        return []
     from data.chat import render_prompt
     from data.readers import DataError, read_sft_jsonl
 
+    path = eval_path or (data_dir and os.path.join(data_dir, "sft_test.jsonl"))
+    if n <= 0 or not path or (eval_path is None and not os.path.exists(path)):
+        return [], None
     try:
         records = read_sft_jsonl(path)
     except DataError as e:
@@ -398,4 +402,4 @@ def answer_questions(path: str | None, tok, max_seq_len: int, n: int):
     if len(fit) < len(records):
         print0(f"{path}: {len(records) - len(fit)} of {len(records)} questions do not fit max_seq_len="
                f"{max_seq_len} with room for a reply; left out")
-    return fit[:n]
+    return fit[:n], path

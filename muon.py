@@ -61,15 +61,17 @@ def _newton_schulz5(G: Tensor, steps: int) -> Tensor:
     return X.reshape(G.shape)
 
 
-_newton_schulz5_compiled = torch.compile(_newton_schulz5, dynamic=False) if hasattr(torch, "compile") else None
+_compiled = {}  # compiled on first CUDA use: importing the compiler costs every process ~2 s
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
     """Orthogonalise G (..., rows, cols) per matrix; compiled on CUDA, eager elsewhere."""
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
-    if G.is_cuda and _newton_schulz5_compiled is not None:
-        return _newton_schulz5_compiled(G, steps)
+    if G.is_cuda:
+        if "ns" not in _compiled:
+            _compiled["ns"] = torch.compile(_newton_schulz5, dynamic=False)
+        return _compiled["ns"](G, steps)
     return _newton_schulz5(G, steps)
 
 

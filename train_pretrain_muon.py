@@ -186,7 +186,7 @@ def main():
                 "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_opt.state_dict(),
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
                 "world_size": world_size, "val_loss": val_loss,
-                "tokenizer_path": os.path.join(data_dir, "tokenizer.json"), "tokenizer_fingerprint": tok.fingerprint})
+                "tokenizer_path": os.path.abspath(os.path.join(data_dir, "tokenizer.json")), "tokenizer_fingerprint": tok.fingerprint})
 
     # ---------------------------------------------------------------- loop
     # Ctrl-C or a scheduler's SIGTERM: save at the next logged step and exit; --resume continues exactly.

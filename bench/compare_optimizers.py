@@ -32,7 +32,7 @@ SCALES = {
                 steps=300, eval_interval=50,
                 muon_lrs=[0.01, 0.02, 0.04], adamw_lrs=[1e-3, 2e-3, 4e-3]),
 }
-SFT = dict(steps=150, eval_interval=50, muon_lrs=[0.0025, 0.005, 0.01], adamw_lrs=[1e-4, 3e-4, 1e-3])
+SFT = dict(steps=400, eval_interval=100, muon_lrs=[0.005, 0.01, 0.02], adamw_lrs=[3e-4, 1e-3, 3e-3])
 
 
 def run(script, out_dir, flags, log):
@@ -127,7 +127,7 @@ def main():
                "lr_adamw": lr_adamw_for_muon if opt == "muon" else best[opt], "final_val_loss": round(curves[opt][-1][1], 4),
                "tokens": curves[opt][-1][0], "tokens_to_adamw_final": round(reach) if reach else None,
                "wall_s": round(wall, 1)}
-        acc = [r["answer_accuracy"] for r in rows_ if "answer_accuracy" in r]
+        acc = [r["answer_acc"] for r in rows_ if "answer_acc" in r]
         if acc:
             row["answer_accuracy"] = acc[-1]
         rows.append(row)

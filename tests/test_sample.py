@@ -1,0 +1,94 @@
+"""Specification of sample.py: plain generation from a pretraining checkpoint, the chat loop, the
+context clamp, and whole multi-byte characters while streaming."""
+import io
+import os
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from common import save_checkpoint
+from data.prepare import prepare_default
+from data.tokenizer import load_tokenizer
+from model import GPT, ModelConfig
+from sample import stream_text
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data") / "tiny")
+    prepare_default(out, n_stories=300, n_sft=20, n_dpo=20, n_eval=5, quiet=True)
+    return os.path.join(out, "tokenizer.json")
+
+
+def checkpoint(path, tok_path, stage):
+    """A random tiny model saved as a finished stage."""
+    tok = load_tokenizer(tok_path)
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, max_seq_len=64)
+    save_checkpoint(str(path), {"stage": stage, "step": 1, "model": GPT(config).state_dict(),
+                                "model_config": vars(config), "tokenizer_path": tok_path,
+                                "tokenizer_fingerprint": tok.fingerprint})
+    return str(path)
+
+
+def sample(*flags, stdin=None):
+    return subprocess.run([sys.executable, "sample.py", *flags], cwd=ROOT, input=stdin, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_a_pretraining_checkpoint_continues_the_prompt_as_text(tok_path, tmp_path):
+    ckpt = checkpoint(tmp_path / "pretrain.pt", tok_path, "pretrain")
+    r = sample("--ckpt", ckpt, "--prompt", "Mia lives in", "--max_new_tokens", "12", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("Mia lives in") and len(r.stdout.strip()) > len("Mia lives in")
+
+
+def test_chat_answers_each_message_and_exits_at_end_of_input(tok_path, tmp_path):
+    ckpt = checkpoint(tmp_path / "sft.pt", tok_path, "sft")
+    r = sample("--ckpt", ckpt, "--chat", "--max_new_tokens", "8", "--temperature", "1", "--seed", "0",
+               stdin="Where does Mia live?\nAnd Tom?\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    turns = r.stdout.split("> ")
+    assert len(turns) == 4, r.stdout  # before the first prompt, two replies, the prompt that met EOF
+    assert turns[1].strip() and turns[2].strip()  # each message got a reply
+
+
+def test_chat_stops_at_exit(tok_path, tmp_path):
+    ckpt = checkpoint(tmp_path / "sft.pt", tok_path, "sft")
+    r = sample("--ckpt", ckpt, "--chat", "--max_new_tokens", "4", "--temperature", "0",
+               stdin="hello\nexit\nnever read\n")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("> ") == 2
+
+
+def test_max_new_tokens_is_clamped_to_the_context_and_says_so(tok_path, tmp_path):
+    ckpt = checkpoint(tmp_path / "pretrain.pt", tok_path, "pretrain")
+    r = sample("--ckpt", ckpt, "--prompt", "Mia", "--max_new_tokens", "1000")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "clamped to" in r.stderr and "max_seq_len=64" in r.stderr
+
+
+def test_streaming_prints_a_character_split_across_tokens_whole(tok_path):
+    tok = load_tokenizer(tok_path)
+    ids = [tok.enc._mergeable_ranks[bytes([b])] for b in "é!".encode()]  # 0xC3 0xA9 0x21: three byte tokens
+
+    class Scripted:  # a "model" that streams a fixed list of tokens
+        config = SimpleNamespace(max_seq_len=64)
+
+        def stream(self, idx, n, **kw):
+            for t in ids[:n]:
+                yield torch.tensor([t])
+
+    args = SimpleNamespace(max_new_tokens=10, temperature=1.0, top_k=None, chat=False)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        out = stream_text(Scripted(), tok, [tok.bos_id], args, tok.eos_id, torch.device("cpu"), torch.no_grad())
+    assert out == ids
+    assert buf.getvalue() == "é!\n"  # never a U+FFFD for the first byte alone
