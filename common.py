@@ -96,6 +96,7 @@ def setup_distributed(device_arg: str):
 
 def cleanup_distributed():
     if dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while a peer still talks to it
         dist.destroy_process_group()
 
 

@@ -47,6 +47,7 @@ def main():
     if rank == 0:
         print(f"world {world}: max |DistMuon - Muon| = {diff:.2e} (weights up to {scale:.2e}; "
               f"tolerance {TOL:.0e} relative): {'OK' if ok else 'MISMATCH'}", flush=True)
+    dist.barrier()
     dist.destroy_process_group()
     sys.exit(0 if ok else 1)
 

@@ -252,6 +252,7 @@ def _dist_worker(rank, world_size, tmp, init_file, plan):
         torch.save({"params": [p.detach() for p in params], "opt": sd, "state_numel": state_numel},
                    os.path.join(tmp, f"rank{rank}.pt"))
     finally:
+        dist.barrier()  # no rank tears its connections down while a peer still talks to it
         dist.destroy_process_group()
 
 
