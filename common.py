@@ -6,6 +6,7 @@ otherwise repeat word for word.
 """
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -96,6 +97,7 @@ def setup_distributed(device_arg: str):
 
 def cleanup_distributed():
     if dist.is_initialized():
+        gc.collect()  # drop finished async work handles (they hold tensors) while the interpreter is whole
         dist.barrier()  # no rank tears its connections down while a peer still talks to it
         dist.destroy_process_group()
 

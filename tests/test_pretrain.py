@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from common import save_checkpoint
+from conftest import run_finished_script
 from data.prepare import prepare_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +38,7 @@ def pretrain(data_dir, out_dir, *flags, nproc=1, check=True, **kw):
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                      "--nproc_per_node", str(nproc)]
     cmd = launcher + ["train_pretrain_muon.py", "--data_path", data_dir, "--out_dir", str(out_dir), *TINY, *flags]
-    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, **kw)
+    r = run_finished_script(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, **kw)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r

@@ -18,6 +18,7 @@ from data.tokenizer import load_tokenizer
 from data.readers import read_dpo_jsonl
 from model import GPT, ModelConfig, split_params
 from train_dpo_muon import dpo_loss, pair_logps, sequence_logps
+from conftest import run_finished_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"sft": "train_full_sft_muon.py", "dpo": "train_dpo_muon.py"}
@@ -163,8 +164,8 @@ def run(stage, data_dir, out_dir, init_from, *flags, nproc=1, check=True):
                                                      "--nproc_per_node", str(nproc)]
     cmd = launcher + [SCRIPTS[stage], "--data_path", data_dir, "--out_dir", str(out_dir), "--init_from",
                       init_from, *TINY, *flags]
-    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
-                       capture_output=True, text=True, timeout=300)
+    r = run_finished_script(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                            capture_output=True, text=True, timeout=300)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
