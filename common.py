@@ -95,6 +95,20 @@ def setup_distributed(device_arg: str):
     return rank, world_size, device
 
 
+def setup_run(args):
+    """Distributed init, then the run-wide defaults every stage shares: bf16 autocast and
+    torch.compile on CUDA, fp32 and eager on CPU, the seed, TF32 matmuls.
+    Returns (rank, world_size, device, autocast context, use_compile); fills in args.dtype."""
+    rank, world_size, device = setup_distributed(args.device)
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rank, world_size, device, autocast(device, args.dtype), use_compile
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         gc.collect()  # drop finished async work handles (they hold tensors) while the interpreter is whole

@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (MetricsLogger, answer_accuracy, answer_questions, autocast, check_model_matches,
+from common import (MetricsLogger, answer_accuracy, answer_questions, check_model_matches,
                     cleanup_distributed, clip_grads, cosine_lr, die, format_eta, load_checkpoint,
                     load_checkpoint_tokenizer, make_optimizers, peak_flops, print0, resolve_chat_data,
-                    rng_state, save_checkpoint, set_lr, set_rng_state, setup_distributed, split_val,
+                    rng_state, save_checkpoint, set_lr, set_rng_state, setup_run, split_val,
                     sync_grads, train_arg_parser)
 from data.loaders import DPOLoader, collate_dpo, encode_dpo
 from data.readers import DataError, read_dpo_jsonl
@@ -106,14 +106,7 @@ def evaluate(model, ref_model, val_encoded, args, rank, world_size, device, ctx,
 
 def main():
     args = parse_args()
-    rank, world_size, device = setup_distributed(args.device)
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    use_compile = args.compile if args.compile is not None else device.type == "cuda"
-    ctx = autocast(device, args.dtype)
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    rank, world_size, device, ctx, use_compile = setup_run(args)
 
     # ---------------------------------------------------------------- starting point
     # --init_from gives the starting weights (which also become the frozen reference), the shape

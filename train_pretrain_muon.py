@@ -15,9 +15,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import (MetricsLogger, autocast, check_model_matches, cleanup_distributed, clip_grads, cosine_lr,
+from common import (MetricsLogger, check_model_matches, cleanup_distributed, clip_grads, cosine_lr,
                     die, format_eta, load_checkpoint, make_optimizers, peak_flops, print0, rng_state,
-                    save_checkpoint, set_lr, set_rng_state, setup_distributed, sync_grads, train_arg_parser)
+                    save_checkpoint, set_lr, set_rng_state, setup_run, sync_grads, train_arg_parser)
 from data.loaders import TokenWindowLoader, eval_batches
 from data.prepare import ensure_prepared, prepare_files
 from data.readers import DataError
@@ -96,14 +96,7 @@ def memory_gb(device):
 
 def main():
     args = parse_args()
-    rank, world_size, device = setup_distributed(args.device)
-    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    use_compile = args.compile if args.compile is not None else device.type == "cuda"
-    ctx = autocast(device, args.dtype)
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    rank, world_size, device, ctx, use_compile = setup_run(args)
 
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
