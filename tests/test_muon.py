@@ -205,61 +205,77 @@ def test_dist_muon_without_process_group_says_so():
 # ---------------------------------------------------------------- DistMuon on gloo
 
 def _dist_worker(rank, world_size, tmp, init_file, plan):
-    """plan: ("train", steps), ("memory", steps) or ("resume", steps_before, state_file, steps_after)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        if plan[0] == "memory":
-            params = make_params(shapes=GPT_SHAPES)
-            opt = DistMuon(params)
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.step()
-            state_numel = sum(s["momentum_buffer"].numel() for s in opt.state.values())
-            torch.save({"state_numel": state_numel}, os.path.join(tmp, f"rank{rank}.pt"))
-            return
-        if plan[0] == "clip":
-            params = make_params()
-            opt = DistMuon(param_groups(params))
-            for p, g in zip(params, local_grads(0, rank, world_size)):
-                p.grad = g
-            opt.reduce_grads()
-            opt.zero_grad()  # a skipped step: the launched reduce-scatter is dropped, nothing applied
-            assert opt._pending is None and all(p.grad is None for p in params)
-            for p, g in zip(params, local_grads(0, rank, world_size)):
-                p.grad = g
-            sq = opt.grad_sq_sum()
-            opt.step(grad_scale=0.5)
-            torch.save({"params": [p.detach() for p in params], "sq": sq}, os.path.join(tmp, f"rank{rank}.pt"))
-            return
-        params = make_params()
-        opt = DistMuon(param_groups(params))
-        start = 0
-        if plan[0] == "resume":
-            start = plan[1]
-            saved = torch.load(plan[2], weights_only=True)
-            with torch.no_grad():
-                for p, w in zip(params, saved["params"]):
-                    p.copy_(w)
-            opt.load_state_dict(saved["opt"])
-        steps = plan[1] if plan[0] == "train" else plan[3]
-        for step in range(start, start + steps):
-            for p, g in zip(params, local_grads(step, rank, world_size)):
-                p.grad = g
-            opt.step()
-        state_numel = sum(s["momentum_buffer"].numel() for s in opt.state.values())
-        sd = opt.state_dict()  # collective: every rank gathers
-        torch.save({"params": [p.detach() for p in params], "opt": sd, "state_numel": state_numel},
-                   os.path.join(tmp, f"rank{rank}.pt"))
+        _dist_body(rank, world_size, tmp, plan)
     finally:
         dist.barrier()  # no rank tears its connections down while a peer still talks to it
         dist.destroy_process_group()
+    # Skip interpreter finalization: gloo's worker threads can still hold finished async work
+    # (with tensors) then, and freeing it there aborts the process now and then
+    # ("terminate called without an active exception"; pytorch/pytorch#179291). Reached only
+    # when the body succeeded; an exception above still reaches mp.spawn as a failure.
+    os._exit(0)
+
+
+def _dist_body(rank, world_size, tmp, plan):
+    """plan: ("train", steps), ("memory",), ("clip",) or ("resume", steps_before, state_file, steps_after)."""
+    if plan[0] == "memory":
+        params = make_params(shapes=GPT_SHAPES)
+        opt = DistMuon(params)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        state_numel = sum(s["momentum_buffer"].numel() for s in opt.state.values())
+        torch.save({"state_numel": state_numel}, os.path.join(tmp, f"rank{rank}.pt"))
+        return
+    if plan[0] == "clip":
+        params = make_params()
+        opt = DistMuon(param_groups(params))
+        for p, g in zip(params, local_grads(0, rank, world_size)):
+            p.grad = g
+        opt.reduce_grads()
+        opt.zero_grad()  # a skipped step: the launched reduce-scatter is dropped, nothing applied
+        assert opt._pending is None and all(p.grad is None for p in params)
+        for p, g in zip(params, local_grads(0, rank, world_size)):
+            p.grad = g
+        sq = opt.grad_sq_sum()
+        opt.step(grad_scale=0.5)
+        torch.save({"params": [p.detach() for p in params], "sq": sq}, os.path.join(tmp, f"rank{rank}.pt"))
+        return
+    params = make_params()
+    opt = DistMuon(param_groups(params))
+    start = 0
+    if plan[0] == "resume":
+        start = plan[1]
+        saved = torch.load(plan[2], weights_only=True)
+        with torch.no_grad():
+            for p, w in zip(params, saved["params"]):
+                p.copy_(w)
+        opt.load_state_dict(saved["opt"])
+    steps = plan[1] if plan[0] == "train" else plan[3]
+    for step in range(start, start + steps):
+        for p, g in zip(params, local_grads(step, rank, world_size)):
+            p.grad = g
+        opt.step()
+    state_numel = sum(s["momentum_buffer"].numel() for s in opt.state.values())
+    sd = opt.state_dict()  # collective: every rank gathers
+    torch.save({"params": [p.detach() for p in params], "opt": sd, "state_numel": state_numel},
+               os.path.join(tmp, f"rank{rank}.pt"))
 
 
 def run_dist(world_size, tmp_path, plan):
     tmp = str(tmp_path / f"w{world_size}_{plan[0]}")
     os.makedirs(tmp)
-    mp.spawn(_dist_worker, args=(world_size, tmp, os.path.join(tmp, "init"), plan), nprocs=world_size)
+    files = [os.path.join(tmp, f"rank{r}.pt") for r in range(world_size)]
+    try:
+        mp.spawn(_dist_worker, args=(world_size, tmp, os.path.join(tmp, "init"), plan), nprocs=world_size)
+    except mp.ProcessExitedException as e:
+        # Every rank wrote its result, then one aborted tearing gloo down (see _dist_worker): the
+        # work under test finished, and the assertions below check its results. Anything else fails.
+        if e.signal_name != "SIGABRT" or not all(os.path.exists(f) for f in files):
+            raise
     return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
 
 
