@@ -5,25 +5,37 @@ owning a slice of every same-shape group. Everything that is not a matrix (embed
 the LM head, norms, biases) belongs in AdamW: see `split_params` in model.py.
 
 Sources: Keller Jordan's Muon (kellerjordan.github.io/posts/muon, github.com/KellerJordan/Muon),
-Moonlight's RMS-matching scale (arXiv 2502.16982), nanochat's distributed step.
+Moonlight's RMS-matching scale (arXiv 2502.16982), Polar Express (arXiv 2505.16932), NorMuon
+(arXiv 2510.05491), cautious weight decay (arXiv 2510.12402), nanochat's distributed step.
 
 The update for a weight W with gradient G (momentum beta, learning rate lr, weight decay wd):
 
     M  <- beta * M + (1 - beta) * G             momentum (lerp form)
     U  <- (1 - beta) * G + beta * M             Nesterov look-ahead
-    O  <- NewtonSchulz5(U)                      ~ U V^T of the SVD U S V^T: every singular value -> ~1
-    W  <- W * (1 - lr * wd)                     decoupled weight decay
+    O  <- NewtonSchulz(U)                       ~ U V^T of the SVD U S V^T: every singular value -> ~1
+    O  <- O / sqrt(V), V <- beta2 V + ...       optional (normuon=True): see normuon below
+    W  <- W * (1 - lr * wd)                     decoupled weight decay (cautious_wd=True: only
+                                                where O and W have the same sign)
     W  <- W - lr * scale(W) * O                 scale: "original"        max(1, rows/cols) ** 0.5
                                                        "match_rms_adamw" 0.2 * max(rows, cols) ** 0.5
+
+Newton-Schulz coefficients: "quintic" repeats (3.4445, -4.7750, 2.0315) every iteration;
+"polar_express" uses a different, optimised polynomial per iteration and lands closer to 1.
 
 Shapes: a 2-D parameter is one matrix. A 3-D parameter is a *stack* of matrices (e.g. MoE
 experts, [E, rows, cols]) and each matrix is orthogonalised on its own. A parameter with 4 or
 more dims is conv-like and is flattened to (shape[0], -1) for the update.
 
-State format (shared by Muon and DistMuon, and by torch.optim.Muon): one entry per parameter,
-{"momentum_buffer": tensor of the parameter's shape}. DistMuon gathers the slices its ranks own
-before saving and keeps only its own slice after loading, so a state dict moves freely between
-Muon, DistMuon and any world size.
+State format (shared by Muon and DistMuon; the momentum part is also torch.optim.Muon's): one
+entry per parameter, {"momentum_buffer": tensor of the parameter's shape} plus, with normuon,
+{"second_moment": the matrix view's shape with the averaged dim set to 1}. DistMuon gathers the
+slices its ranks own before saving and keeps only its own slice after loading, so a state dict
+moves freely between Muon, DistMuon and any world size.
+
+Speed: same-shape parameters form one stack, so each shape is one batched Newton-Schulz. On
+CUDA the whole step of a stack (momentum -> orthogonalise -> normalise -> decay -> update) is
+one torch.compile'd graph whose hyperparameters enter as 0-D tensors: a learning-rate or
+momentum schedule changes their values, never the graph, so it never recompiles.
 """
 import math
 
@@ -35,24 +47,49 @@ from torch import Tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
+# Every iteration maps each singular value s of X to a*s + b*s^3 + c*s^5.
+# Quintic (Keller Jordan): the steepest slope at s = 0 that still keeps s <= ~1.2, so tiny singular
+# values grow fast; it never converges to 1 and after 5 iterations leaves s in about [0.68, 1.13].
+QUINTIC = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932): the minimax-optimal odd
+# quintic for each iteration, computed for a spectrum in [1e-3, 1]; this is the 5-iteration table
+# with the 2% safety margin that modded-nanogpt ships. In exact arithmetic singular values in
+# [1e-3, 1] (after the 2% margin below) end in [0.84, 1.15].
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
-def _newton_schulz5(G: Tensor, steps: int) -> Tensor:
-    """Quintic Newton-Schulz iteration on the last two dims of G, in bf16.
 
-    Each step maps every singular value s of X to a*s + b*s^3 + c*s^5. The coefficients
-    (3.4445, -4.7750, 2.0315) maximise the slope at s = 0, so tiny singular values grow fast,
-    at the price of not converging to exactly 1: after 5 steps the singular values land
-    roughly in [0.7, 1.2], which trains as well as the exact polar factor U V^T and costs
-    a handful of matmuls. Dividing by the Frobenius norm first puts every singular value
-    in (0, 1], where the iteration is well behaved.
+def newton_schulz_coefficients(name: str, steps: int) -> tuple:
+    """The (a, b, c) of every iteration: a tuple of `steps` triples."""
+    if name == "quintic":
+        return (QUINTIC,) * steps
+    if name == "polar_express":
+        if not 1 <= steps <= len(POLAR_EXPRESS):
+            raise ValueError(f"polar_express has a table for 1 to {len(POLAR_EXPRESS)} steps, got ns_steps={steps}")
+        return POLAR_EXPRESS[:steps]
+    raise ValueError(f"ns_coefficients must be 'quintic' or 'polar_express', got {name!r}")
+
+
+def newton_schulz(G: Tensor, steps: int, coefficients: str = "quintic") -> Tensor:
+    """`steps` Newton-Schulz iterations on the last two dims of G, in bf16.
+
+    Dividing by the Frobenius norm first puts every singular value in (0, 1], where the
+    polynomials are fitted (Polar Express adds a 2% margin: bf16 rounding can push the top one
+    a little past 1). The result's singular values are ~1, which trains as well as the exact
+    polar factor U V^T and costs a handful of matmuls.
     """
-    a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16().reshape(-1, *G.shape[-2:])  # one batch dim for baddbmm
     tall = G.size(-2) > G.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix X X^T is then the small one
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    margin = 1.02 if coefficients == "polar_express" else 1.0
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)
+    for a, b, c in newton_schulz_coefficients(coefficients, steps):
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A in one matmul with fused epilogue
         X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
@@ -61,35 +98,94 @@ def _newton_schulz5(G: Tensor, steps: int) -> Tensor:
     return X.reshape(G.shape)
 
 
-_compiled = {}  # compiled on first CUDA use: importing the compiler costs every process ~2 s
-
-
-def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5) -> Tensor:
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, coefficients: str = "quintic") -> Tensor:
     """Orthogonalise G (..., rows, cols) per matrix; compiled on CUDA, eager elsewhere."""
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
-    if G.is_cuda:
-        if "ns" not in _compiled:
-            _compiled["ns"] = torch.compile(_newton_schulz5, dynamic=False)
-        return _compiled["ns"](G, steps)
-    return _newton_schulz5(G, steps)
+    newton_schulz_coefficients(coefficients, steps)  # validates
+    return maybe_compiled(newton_schulz, G.is_cuda)(G, steps, coefficients)
 
 
-def muon_update(grads: Tensor, bufs: Tensor, momentum: float, nesterov: bool, ns_steps: int) -> Tensor:
-    """Momentum, Nesterov and Newton-Schulz for a stack [n, rows, cols] of same-shape gradients.
+def normuon_normalise(O: Tensor, second_moment: Tensor, beta2: Tensor) -> Tensor:
+    """NorMuon: even out the size of O's rows (or columns) with an Adam-like second moment.
 
-    bufs (the momentum buffers, same shape) is updated in place; returns the bf16 update.
-    Only Newton-Schulz is compiled: compiling the two lerps with it measured no faster on an
-    H100, and keeping `momentum` out of compiled code means a momentum schedule never recompiles.
+    Orthogonalisation makes O's vectors along its *smaller* dim unit-norm, but leaves the other
+    dim's vectors (the rows of a tall O, the columns of a wide one) of uneven size. Keep a running
+    mean of their squared entries (second_moment, one number per such row or column) and divide
+    by its square root; then restore O's Frobenius norm, so lr and adjust_lr mean what they mean
+    without normuon. The paper fixes the RMS instead (0.2, as match_rms_adamw does).
     """
-    bufs.lerp_(grads, 1 - momentum)
-    update = grads.lerp(bufs, momentum) if nesterov else bufs
-    return zeropower_via_newtonschulz5(update, ns_steps)
+    O = O.float()
+    dim = -1 if O.size(-2) >= O.size(-1) else -2
+    second_moment.lerp_(O.square().mean(dim=dim, keepdim=True), 1 - beta2)
+    N = O * second_moment.clamp_min(1e-10).rsqrt()
+    N = N * (O.norm(dim=(-2, -1), keepdim=True) / N.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+    return N.bfloat16()
+
+
+def muon_update(G: Tensor, bufs: Tensor, second: Tensor | None, hp: dict, nesterov: bool,
+                ns_steps: int, coefficients: str) -> Tensor:
+    """Momentum, Nesterov, Newton-Schulz (and NorMuon) for a stack G [n, rows, cols] of gradients.
+
+    bufs (the stacked momentum buffers [n, rows, cols]) and second (NorMuon's stacked second
+    moments, or None) are updated in place. Returns the bf16 update stack. hp holds 0-D tensors:
+    momentum, beta2, grad_scale (the training scripts clip with it).
+    """
+    G = G * hp["grad_scale"]
+    bufs.lerp_(G, 1 - hp["momentum"])
+    U = G.lerp(bufs, hp["momentum"]) if nesterov else bufs
+    O = newton_schulz(U, ns_steps, coefficients)
+    return normuon_normalise(O, second, hp["beta2"]) if second is not None else O
+
+
+def apply_update(params: list, update: Tensor, hp: dict, scale: float, cautious_wd: bool) -> None:
+    """Decoupled weight decay, then the scaled step, in place:
+    p <- p - lr*wd*p [only where update and p agree in sign, if cautious_wd] - lr*scale*update."""
+    lr, wd = hp["lr"], hp["weight_decay"]
+    for p, u in zip(params, update.unbind(0)):
+        p = matrix_view(p)
+        if cautious_wd:  # decay only the weights this step already moves towards zero
+            p.sub_(p * (u * p >= 0) * (lr * wd))
+        else:
+            p.mul_(1 - lr * wd)
+        p.sub_(u * (lr * scale))  # a bf16 update promotes to the weight's dtype inside the kernel
+
+
+def muon_step(params: list, grads: list, bufs: Tensor, second: Tensor | None, hp: dict, nesterov: bool,
+              ns_steps: int, coefficients: str, scale: float, cautious_wd: bool) -> None:
+    """The whole single-device step of one same-shape stack: what Muon compiles as one graph."""
+    G = torch.stack([matrix_view(g) for g in grads])
+    update = muon_update(G, bufs, second, hp, nesterov, ns_steps, coefficients)
+    apply_update(params, update, hp, scale, cautious_wd)
+
+
+# torch.compile backend; tests swap in a counting backend to check that nothing recompiles
+COMPILE_BACKEND = "inductor"
+_compiled = {}  # compiled on first use: importing the compiler costs every process ~2 s
+
+
+def maybe_compiled(fn, compile: bool):
+    """fn compiled (once per function and backend) when `compile`, else fn itself."""
+    if not compile:
+        return fn
+    key = (fn, id(COMPILE_BACKEND))
+    if key not in _compiled:
+        # one graph per stack shape (and option set): a model can have more than dynamo's default
+        # of 8, and past the limit it would silently run eager
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _compiled[key] = torch.compile(fn, dynamic=False, backend=COMPILE_BACKEND)
+    return _compiled[key]
 
 
 def matrix_view(x: Tensor) -> Tensor:
     """The view Muon orthogonalises: 2-D and 3-D (stack) as they are, >=4-D conv-like as (shape[0], -1)."""
     return x if x.ndim <= 3 else x.view(x.size(0), -1)
+
+
+def second_moment_shape(p: Tensor) -> tuple:
+    """NorMuon's factored second moment: the matrix view's shape with the averaged dim set to 1."""
+    *batch, rows, cols = matrix_view(p).shape
+    return (*batch, rows, 1) if rows >= cols else (*batch, 1, cols)
 
 
 def update_scale(shape, adjust_lr: str) -> float:
@@ -102,13 +198,56 @@ def update_scale(shape, adjust_lr: str) -> float:
     raise ValueError(f"adjust_lr must be 'original' or 'match_rms_adamw', got {adjust_lr!r}")
 
 
-def apply_update(params: list, update: Tensor, lr: float, weight_decay: float, scale: float) -> None:
-    """Decoupled weight decay, then the scaled step: p <- p * (1 - lr*wd) - lr*scale*update, in place."""
-    views = [matrix_view(p) for p in params]
-    if weight_decay:
-        torch._foreach_mul_(views, 1 - lr * weight_decay)
-    # a bf16 update added to fp32 weights promotes inside the add kernel: no separate cast pass
-    torch._foreach_add_(views, list(update.unbind(0)), alpha=-lr * scale)
+def hyperparameters(group: dict, grad_scale, cache: dict) -> dict:
+    """The group's schedulable values as 0-D float32 CPU tensors, refilled every step.
+
+    Compiled code sees tensors, not Python floats, so new values do not recompile it; CPU
+    scalars reach a CUDA kernel as launch arguments, with no host-device copy.
+    """
+    hp = cache.setdefault(id(group), {k: torch.zeros(()) for k in ("lr", "momentum", "weight_decay", "beta2")})
+    for k in hp:
+        hp[k].fill_(group[k])
+    out = dict(hp)
+    out["grad_scale"] = grad_scale if isinstance(grad_scale, Tensor) else torch.tensor(float(grad_scale))
+    return out
+
+
+def _state_shapes(p: Tensor, key: str) -> tuple:
+    """(shape in the stack, shape in state[p]) of the buffer `key` of parameter p."""
+    if key == "momentum_buffer":  # stored in the parameter's shape, as torch.optim.Muon does
+        return matrix_view(p).shape, p.shape
+    return second_moment_shape(p), second_moment_shape(p)
+
+
+def _state_keys(group: dict) -> tuple:
+    return ("momentum_buffer", "second_moment") if group["normuon"] else ("momentum_buffer",)
+
+
+def stacked_state(state, stacks: dict, params, key: str) -> Tensor:
+    """The `key` buffers of a bucket as one stacked tensor, updated in place by the step.
+
+    Each parameter's state[key] is a view into the stack, so the step neither stacks nor
+    unstacks them. A buffer that is not such a view (a fresh optimizer, or one just loaded from
+    a state dict) is copied into a new stack on first use. Momentum has the parameter's dtype,
+    NorMuon's second moment is float32.
+    """
+    cache_key = (key, *(id(p) for p in params))
+    stack = stacks.get(cache_key)
+    bufs = [state[p].get(key) for p in params]
+    if stack is None or any(b is None or b.data_ptr() != stack[i].data_ptr() for i, b in enumerate(bufs)):
+        dtype = None if key == "momentum_buffer" else torch.float32
+        stack = torch.stack([b.reshape(_state_shapes(p, key)[0]).to(dtype or p.dtype) if b is not None
+                             else p.new_zeros(_state_shapes(p, key)[0], dtype=dtype) for p, b in zip(params, bufs)])
+        for i, p in enumerate(params):
+            state[p][key] = stack[i].view(_state_shapes(p, key)[1])
+        stacks[cache_key] = stack
+    return stack
+
+
+def _defaults(**kw):
+    update_scale((1, 1), kw["adjust_lr"])  # validate the names early, not at the first step
+    newton_schulz_coefficients(kw["ns_coefficients"], kw["ns_steps"])
+    return kw
 
 
 def _check_params(param_groups):
@@ -129,36 +268,26 @@ def _same_shape_buckets(params):
     return list(buckets.values())
 
 
-def stacked_momentum(state, stacks: dict, params) -> Tensor:
-    """The momentum buffers of a bucket as one stacked tensor, updated in place by the step.
-
-    Each parameter's state["momentum_buffer"] is a view into the stack, so the step neither
-    stacks nor unstacks them. A buffer that is not such a view (a fresh optimizer, or one just
-    loaded from a state dict) is copied into a new stack on first use.
-    """
-    key = tuple(id(p) for p in params)
-    stack = stacks.get(key)
-    bufs = [state[p].get("momentum_buffer") for p in params]
-    if stack is None or any(b is None or b.data_ptr() != stack[i].data_ptr() for i, b in enumerate(bufs)):
-        stack = torch.stack([matrix_view(b) if b is not None else torch.zeros_like(matrix_view(p))
-                             for p, b in zip(params, bufs)])
-        for i, p in enumerate(params):
-            state[p]["momentum_buffer"] = stack[i].view_as(p)
-        stacks[key] = stack
-    return stack
-
-
 class Muon(torch.optim.Optimizer):
-    """Single-device Muon. Same-shape parameters are stacked so Newton-Schulz runs once per shape."""
+    """Single-device Muon. Same-shape parameters are stacked so Newton-Schulz runs once per shape.
+
+    ns_coefficients: "quintic" or "polar_express"; normuon: NorMuon's row/column normalisation
+    with second-moment decay beta2; cautious_wd: weight decay only where update and weight agree
+    in sign; compile: torch.compile each stack's step (default: on CUDA; never needed for
+    correctness).
+    """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
-                 adjust_lr="original"):
-        update_scale((1, 1), adjust_lr)  # validates the name early
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        weight_decay=weight_decay, adjust_lr=adjust_lr)
-        super().__init__(params, defaults)
+                 adjust_lr="original", ns_coefficients="quintic", normuon=False, beta2=0.95, cautious_wd=False,
+                 compile=None):
+        super().__init__(params, _defaults(
+            lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
+            adjust_lr=adjust_lr, ns_coefficients=ns_coefficients, normuon=normuon, beta2=beta2,
+            cautious_wd=cautious_wd))
         _check_params(self.param_groups)
-        self._stacks = {}  # see stacked_momentum
+        self.compile = compile
+        self._stacks = {}  # see stacked_state
+        self._hp = {}  # see hyperparameters
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: float | Tensor = 1.0):
@@ -169,20 +298,20 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            hp = hyperparameters(group, grad_scale, self._hp)
             params = [p for p in group["params"] if p.grad is not None]
             for bucket in _same_shape_buckets(params):
-                grads = torch.stack([matrix_view(p.grad) for p in bucket])
-                if isinstance(grad_scale, Tensor) or grad_scale != 1.0:
-                    grads.mul_(grad_scale)
-                bufs = stacked_momentum(self.state, self._stacks, bucket)
-                update = muon_update(grads, bufs, group["momentum"], group["nesterov"], group["ns_steps"])
-                apply_update(bucket, update, group["lr"], group["weight_decay"],
-                             update_scale(grads.shape, group["adjust_lr"]))
+                bufs = stacked_state(self.state, self._stacks, bucket, "momentum_buffer")
+                second = stacked_state(self.state, self._stacks, bucket, "second_moment") if group["normuon"] else None
+                step = maybe_compiled(muon_step, bucket[0].is_cuda if self.compile is None else self.compile)
+                step(bucket, [p.grad for p in bucket], bufs, second, hp, group["nesterov"], group["ns_steps"],
+                     group["ns_coefficients"], update_scale(matrix_view(bucket[0]).shape, group["adjust_lr"]),
+                     group["cautious_wd"])
         return loss
 
 
 class DistMuon(torch.optim.Optimizer):
-    """Muon spread over the ranks of the default process group (NCCL or gloo).
+    """Muon spread over the ranks of the default process group (NCCL or gloo); same options as Muon.
 
     Every rank holds all weights and computes its own local gradients (no DDP wrapper: this
     optimizer is what averages the Muon gradients). For each same-shape group of n matrices,
@@ -191,13 +320,13 @@ class DistMuon(torch.optim.Optimizer):
 
       1. launch an async reduce-scatter (average) of every group's stacked gradients;
       2. per group: wait for its gradients, then the owner does momentum, Nesterov and
-         Newton-Schulz on its slice and launches an async all-gather of the bf16 updates
-         (this compute overlaps the other groups' collectives);
+         Newton-Schulz (and NorMuon) on its slice and launches an async all-gather of the bf16
+         updates (this compute overlaps the other groups' collectives);
       3. per group: wait for its updates; every rank applies decay and the update to all its
          weights. Identical inputs and identical elementwise math keep the replicas identical,
          and gathering bf16 updates moves half the bytes of gathering fp32 weights.
 
-    Momentum buffers exist only for owned parameters: ~1/W of Muon's state per rank.
+    Optimizer state exists only for owned parameters: ~1/W of Muon's state per rank.
 
     Gradient clipping: the norm to clip by is that of the *averaged* gradient, which for these
     parameters exists only as the owners' slices after phase 1. `reduce_grads()` runs phase 1
@@ -209,17 +338,20 @@ class DistMuon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
-                 adjust_lr="original"):
+                 adjust_lr="original", ns_coefficients="quintic", normuon=False, beta2=0.95, cautious_wd=False,
+                 compile=None):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistMuon needs an initialised process group (run under torchrun and call "
                                "torch.distributed.init_process_group first); use Muon on a single process.")
-        update_scale((1, 1), adjust_lr)
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        weight_decay=weight_decay, adjust_lr=adjust_lr)
-        super().__init__(params, defaults)
+        super().__init__(params, _defaults(
+            lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
+            adjust_lr=adjust_lr, ns_coefficients=ns_coefficients, normuon=normuon, beta2=beta2,
+            cautious_wd=cautious_wd))
         _check_params(self.param_groups)
+        self.compile = compile
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self._stacks = {}  # see stacked_momentum
+        self._stacks = {}  # see stacked_state
+        self._hp = {}  # see hyperparameters
         self._pending = None  # phase-1 work in flight: [(work, averaged grad slice)]
 
     def _groups(self):
@@ -238,6 +370,9 @@ class DistMuon(torch.optim.Optimizer):
         full = mats[0].new_zeros((per_rank * self.world_size, *mats[0].shape))
         torch._foreach_copy_(list(full[:len(mats)].unbind(0)), mats)
         return full
+
+    def _compiled(self, fn, p):
+        return maybe_compiled(fn, p.is_cuda if self.compile is None else self.compile)
 
     @torch.no_grad()
     def reduce_grads(self):
@@ -281,6 +416,7 @@ class DistMuon(torch.optim.Optimizer):
                 loss = closure()
         self.reduce_grads()
         pending, self._pending = self._pending, None
+        hps = {id(g): hyperparameters(g, grad_scale, self._hp) for g in self.param_groups}
 
         # 2. the owner turns its averaged slice into updates, then shares them
         gathers = []
@@ -288,35 +424,41 @@ class DistMuon(torch.optim.Optimizer):
             work.wait()
             update = grads.new_zeros(grads.shape, dtype=torch.bfloat16)
             if len(owned):
-                n = len(owned)
-                if isinstance(grad_scale, Tensor) or grad_scale != 1.0:
-                    grads.mul_(grad_scale)
-                bufs = stacked_momentum(self.state, self._stacks, [bucket[i] for i in owned])
-                update[:n] = muon_update(grads[:n], bufs, group["momentum"], group["nesterov"], group["ns_steps"])
+                n, mine = len(owned), [bucket[i] for i in owned]
+                bufs = stacked_state(self.state, self._stacks, mine, "momentum_buffer")
+                second = stacked_state(self.state, self._stacks, mine, "second_moment") if group["normuon"] else None
+                update[:n] = self._compiled(muon_update, grads)(grads[:n], bufs, second, hps[id(group)],
+                                                                group["nesterov"], group["ns_steps"],
+                                                                group["ns_coefficients"])
             full = update.new_empty((per_rank * self.world_size, *update.shape[1:]))
             gathers.append((_all_gather(full, update, async_op=True), full, group, bucket))
 
         # 3. every rank applies every update to its replica of the weights
         for work, full, group, bucket in gathers:
             work.wait()
-            apply_update(bucket, full[:len(bucket)], group["lr"], group["weight_decay"],
-                         update_scale(full.shape, group["adjust_lr"]))
+            self._compiled(apply_update, full)(bucket, full[:len(bucket)], hps[id(group)],
+                                               update_scale(full.shape, group["adjust_lr"]), group["cautious_wd"])
         return loss
 
     @torch.no_grad()
     def state_dict(self):
         """The full (gathered) state in Muon's format; collective, identical on every rank."""
         for group, bucket, per_rank, owned in self._groups():
-            have = torch.tensor(float(all("momentum_buffer" in self.state[bucket[i]] for i in owned)))
-            dist.all_reduce(have, op=dist.ReduceOp.MIN)  # a group is saved only once every owner has stepped
-            if have.item() == 0:
-                continue
-            mine = self._padded_stack([self.state[bucket[i]]["momentum_buffer"] for i in owned] or [bucket[0]],
-                                      per_rank)[:per_rank] * (1 if len(owned) else 0)
-            full = mine.new_empty((per_rank * self.world_size, *mine.shape[1:]))
-            _all_gather(full, mine.contiguous())
-            for i, p in enumerate(bucket):
-                self.state[p]["momentum_buffer"] = full[i].view_as(p).clone()
+            for key in _state_keys(group):
+                have = torch.tensor(float(all(key in self.state[bucket[i]] for i in owned)))
+                dist.all_reduce(have, op=dist.ReduceOp.MIN)  # saved only once every owner has stepped
+                if have.item() == 0:
+                    continue
+                stack_shape, stored_shape = _state_shapes(bucket[0], key)
+                mats = [self.state[bucket[i]][key].reshape(stack_shape) for i in owned]
+                placeholder = bucket[0].new_zeros(stack_shape, dtype=torch.float32 if key != "momentum_buffer" else None)
+                mine = self._padded_stack(mats or [placeholder], per_rank)[:per_rank]
+                if not mats:
+                    mine.zero_()
+                full = mine.new_empty((per_rank * self.world_size, *mine.shape[1:]))
+                _all_gather(full, mine.contiguous())
+                for i, p in enumerate(bucket):
+                    self.state[p][key] = full[i].view(stored_shape).clone()
         sd = super().state_dict()
         self._drop_unowned_state()
         return sd
