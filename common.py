@@ -57,7 +57,16 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     a("--optimizer", choices=["muon", "adamw"], default="muon", help="adamw: AdamW for every parameter (baseline)")
     a("--lr_muon", type=float, default=0.02, help="peak LR of Muon (matrices in the blocks)")
     a("--lr_adamw", type=float, default=5e-4, help="peak LR of AdamW (embedding, head, norms)")
-    a("--momentum", type=float, default=0.95, help="Muon momentum")
+    a("--momentum", type=float, default=0.95, help="Muon momentum (after its warmup)")
+    a("--momentum_start", type=float, default=0.85, help="Muon momentum at step 0 and after the cool-down")
+    a("--momentum_warmup_steps", type=int, default=0, help="ramp Muon momentum from --momentum_start (0: off)")
+    a("--momentum_cooldown_steps", type=int, default=0, help="ramp it back to --momentum_start at the end")
+    a("--ns_coefficients", choices=["quintic", "polar_express"], default="quintic",
+      help="Newton-Schulz polynomials")
+    a("--normuon", action=argparse.BooleanOptionalAction, default=False, help="NorMuon row/column normalisation")
+    a("--normuon_beta2", type=float, default=0.95, help="NorMuon's second-moment decay")
+    a("--cautious_wd", action=argparse.BooleanOptionalAction, default=False,
+      help="Muon decays a weight only where its update has the same sign")
     a("--weight_decay", type=float, default=0.0, help="decoupled weight decay of both optimizers' matrices")
     a("--warmup_steps", type=int, default=20)
     a("--min_lr_ratio", type=float, default=0.1, help="cosine decays each LR to this fraction of its peak")
@@ -132,8 +141,9 @@ def make_optimizers(muon_params, adamw_params, args, world_size: int, device: to
     muon_opt = None
     if muon_params:
         muon_cls = DistMuon if world_size > 1 else Muon
-        muon_opt = muon_cls(muon_params, lr=args.lr_muon, momentum=args.momentum,
-                            weight_decay=args.weight_decay)
+        muon_opt = muon_cls(muon_params, lr=args.lr_muon, momentum=args.momentum, weight_decay=args.weight_decay,
+                            ns_coefficients=args.ns_coefficients, normuon=args.normuon, beta2=args.normuon_beta2,
+                            cautious_wd=args.cautious_wd)
     groups = [dict(params=[p for p in adamw_params if p.ndim >= 2], weight_decay=args.weight_decay),
               dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)]
     adamw_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr_adamw, betas=(0.9, 0.95),
@@ -149,10 +159,32 @@ def cosine_lr(step: int, total_steps: int, peak: float, warmup_steps: int, min_l
     return peak * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def set_lr(opt, lr: float):
-    if opt is not None:
-        for group in opt.param_groups:
-            group["lr"] = lr
+def muon_momentum(step: int, total_steps: int, args) -> float:
+    """--momentum, ramped up from --momentum_start over the first --momentum_warmup_steps and
+    back down over the last --momentum_cooldown_steps. Lower momentum early follows the fast-
+    changing gradients of a fresh model; modded-nanogpt warms it up from 0.85 to 0.95."""
+    m = args.momentum
+    if step < args.momentum_warmup_steps:
+        m = args.momentum_start + (m - args.momentum_start) * step / args.momentum_warmup_steps
+    left = total_steps - step
+    if left < args.momentum_cooldown_steps:
+        m = args.momentum_start + (m - args.momentum_start) * left / args.momentum_cooldown_steps
+    return m
+
+
+def schedules(step: int, total_steps: int, args, muon_opt, adamw_opt) -> tuple:
+    """Set this step's lr_muon, lr_adamw and Muon momentum in the optimizers; returns them.
+
+    Each optimizer has its own schedule: linear warmup, then cosine to min_lr_ratio * peak.
+    """
+    lr_muon = cosine_lr(step, total_steps, args.lr_muon, args.warmup_steps, args.min_lr_ratio)
+    lr_adamw = cosine_lr(step, total_steps, args.lr_adamw, args.warmup_steps, args.min_lr_ratio)
+    momentum = muon_momentum(step, total_steps, args)
+    for group in muon_opt.param_groups if muon_opt is not None else []:
+        group["lr"], group["momentum"] = lr_muon, momentum
+    for group in adamw_opt.param_groups:
+        group["lr"] = lr_adamw
+    return lr_muon, lr_adamw, momentum
 
 
 def sync_grads(params, world_size: int):

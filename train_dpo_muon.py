@@ -23,9 +23,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import (MetricsLogger, answer_accuracy, answer_questions, check_model_matches,
-                    cleanup_distributed, clip_grads, cosine_lr, die, format_eta, load_checkpoint,
+                    cleanup_distributed, clip_grads, die, format_eta, load_checkpoint,
                     load_checkpoint_tokenizer, make_optimizers, peak_flops, print0, resolve_chat_data,
-                    rng_state, save_checkpoint, set_lr, set_rng_state, setup_run, split_val,
+                    rng_state, save_checkpoint, schedules, set_rng_state, setup_run, split_val,
                     sync_grads, train_arg_parser)
 from data.loaders import DPOLoader, collate_dpo, encode_dpo
 from data.readers import DataError, read_dpo_jsonl
@@ -225,11 +225,7 @@ def main():
         if last:
             break
 
-        # two schedules, one per optimizer: linear warmup then cosine to min_lr_ratio * peak
-        lr_muon = cosine_lr(step, total_steps, args.lr_muon, args.warmup_steps, args.min_lr_ratio)
-        lr_adamw = cosine_lr(step, total_steps, args.lr_adamw, args.warmup_steps, args.min_lr_ratio)
-        set_lr(muon_opt, lr_muon)
-        set_lr(adamw_opt, lr_adamw)
+        lr_muon, lr_adamw, momentum = schedules(step, total_steps, args, muon_opt, adamw_opt)
 
         t0 = time.time()
         # loss, reward accuracy, margin, chosen and rejected rewards (means), non-padding tokens (sum)
@@ -288,12 +284,14 @@ def main():
             eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
             row = {"step": step, "loss": lossf, "reward_acc": reward_acc, "reward_margin": margin,
                    "chosen_reward": chosen_reward, "rejected_reward": rejected_reward,
-                   "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw, "grad_norm": grad_norm,
+                   "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
+                   "momentum": momentum if muon_opt else None, "grad_norm": grad_norm,
                    "tok_per_s": tok_per_s, "mfu": mfu, "pairs": step * pairs_per_step,
                    "elapsed_s": time.time() - t_start}
             logger.log(row, f"step {step:5d}/{total_steps} | loss {lossf:.4f} | reward acc {reward_acc:.2f} | "
                             f"margin {margin:+.3f} (chosen {chosen_reward:+.3f}, rejected {rejected_reward:+.3f}) | "
-                            f"lr_muon {lr_muon:.2e} | lr_adamw {lr_adamw:.2e} | grad norm {grad_norm:.3f} | "
+                            f"lr_muon {lr_muon:.2e} | lr_adamw {lr_adamw:.2e} | momentum {momentum:.3f} | "
+                            f"grad norm {grad_norm:.3f} | "
                             f"{tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
                             + f" | ETA {format_eta(eta)}")
 

@@ -15,9 +15,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import (MetricsLogger, check_model_matches, cleanup_distributed, clip_grads, cosine_lr,
+from common import (MetricsLogger, check_model_matches, cleanup_distributed, clip_grads,
                     die, format_eta, load_checkpoint, make_optimizers, peak_flops, print0, rng_state,
-                    save_checkpoint, set_lr, set_rng_state, setup_run, sync_grads, train_arg_parser)
+                    save_checkpoint, schedules, set_rng_state, setup_run, sync_grads, train_arg_parser)
 from data.loaders import TokenWindowLoader, eval_batches
 from data.prepare import ensure_prepared, prepare_files
 from data.readers import DataError
@@ -210,11 +210,7 @@ def main():
         if last:
             break
 
-        # two schedules, one per optimizer: linear warmup then cosine to min_lr_ratio * peak
-        lr_muon = cosine_lr(step, total_steps, args.lr_muon, args.warmup_steps, args.min_lr_ratio)
-        lr_adamw = cosine_lr(step, total_steps, args.lr_adamw, args.warmup_steps, args.min_lr_ratio)
-        set_lr(muon_opt, lr_muon)
-        set_lr(adamw_opt, lr_adamw)
+        lr_muon, lr_adamw, momentum = schedules(step, total_steps, args, muon_opt, adamw_opt)
 
         loss_sum = torch.zeros((), device=device)
         for _ in range(args.accumulation_steps):
@@ -272,11 +268,13 @@ def main():
         eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
         grad_norm = float(grad_norm)
         row = {"step": step, "loss": recent[-1], "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
+               "momentum": momentum if muon_opt else None,
                "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu, "mem_gb": memory_gb(device),
                "muon_ms": muon_ms, "step_ms": dt * 1e3, "tokens": step * tokens_per_step,
                "elapsed_s": time.time() - t_start}
         logger.log(row, f"step {step:5d}/{total_steps} | loss {recent[-1]:.4f} | lr_muon {lr_muon:.2e} | "
-                        f"lr_adamw {lr_adamw:.2e} | grad norm {grad_norm:.3f} | {tok_per_s:,.0f} tok/s"
+                        f"lr_adamw {lr_adamw:.2e} | momentum {momentum:.3f} | grad norm {grad_norm:.3f} | "
+                        f"{tok_per_s:,.0f} tok/s"
                         + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {row['mem_gb']:.2f} GB"
                         + (f" | muon {muon_ms:.1f}/{dt * 1e3:.0f} ms" if muon_ms else "")
                         + f" | ETA {format_eta(eta)}")
