@@ -18,7 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
         "--num_key_value_heads", "2", "--max_seq_len", "64", "--batch_size", "8", "--eval_iters", "4",
         "--log_interval", "1", "--warmup_steps", "5", "--sample_prompt", "", "--lr_adamw", "3e-3"]
-COMPARED = ("loss", "lr_muon", "lr_adamw", "grad_norm", "val_loss")
+COMPARED = ("loss", "lr_muon", "lr_adamw", "momentum", "grad_norm", "val_loss")
+# every Muon option of issue #9 at once, with weight decay for the cautious mask to act on
+ALL_OPTIONS = ["--ns_coefficients", "polar_express", "--normuon", "--cautious_wd", "--weight_decay", "0.1",
+               "--momentum_warmup_steps", "10", "--momentum_cooldown_steps", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +103,8 @@ def test_two_processes_follow_the_one_process_loss_curve_at_equal_global_batch(d
 
 
 def test_resume_after_an_interruption_reproduces_the_uninterrupted_run_exactly(data_dir, tmp_path):
-    flags = ["--max_steps", "30", "--eval_interval", "10"]
+    # with every Muon option on, so NorMuon's second moments and the momentum schedule resume too
+    flags = ["--max_steps", "30", "--eval_interval", "10", *ALL_OPTIONS]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     pretrain(data_dir, straight, *flags)
 
@@ -123,6 +127,16 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run_exactly(d
     for step in a:
         for key in COMPARED:
             assert a[step].get(key) == b[step].get(key), (step, key, a[step].get(key), b[step].get(key))
+
+
+def test_muon_momentum_warms_up_and_cools_down_as_logged(data_dir, tmp_path):
+    pretrain(data_dir, tmp_path, "--max_steps", "10", "--eval_interval", "10", "--momentum_start", "0.8",
+             "--momentum", "0.96", "--momentum_warmup_steps", "4", "--momentum_cooldown_steps", "4")
+    rows = metrics(tmp_path)
+    # the row of step s logs the momentum of the update that led to it (schedule step s-1):
+    # 4 steps up from 0.8, then 0.96, then down by 0.04 a step over the last 4 updates
+    logged = [round(rows[s]["momentum"], 6) for s in range(1, 11)]
+    assert logged == [0.8, 0.84, 0.88, 0.92, 0.96, 0.96, 0.96, 0.92, 0.88, 0.84], logged
 
 
 def test_resume_on_a_different_number_of_processes_continues_training(data_dir, tmp_path):
