@@ -217,10 +217,13 @@ class GPT(nn.Module):
                 nn.init.ones_(module.weight)
 
     def forward(self, idx, targets=None, loss_mask=None, kv_cache: KVCache | None = None):
-        """idx (B, T) token ids -> (logits (B, T, vocab) float32, loss or None).
+        """idx (B, T) token ids -> (logits (B, T, vocab) float32, None) without targets,
+        (None, loss) with them.
 
         loss is the mean cross-entropy over positions where loss_mask is 1 (all
         positions when loss_mask is None) and targets != -1; 0 if none is left.
+        Training needs only the loss: not returning the logits lets a compiled model
+        skip writing a float32 copy of (B, T, vocab), the largest tensor of the step.
         With a kv_cache, idx continues the cached tokens (positions start at
         kv_cache.seq_len) and the cache is extended in place.
         """
@@ -247,7 +250,7 @@ class GPT(nn.Module):
         # clamp: a batch with nothing to learn from gives loss 0 (still attached to the
         # graph, so backward works) instead of 0/0 = NaN.
         loss = (per_token * keep).sum() / keep.sum().clamp(min=1.0)
-        return logits, loss
+        return None, loss
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

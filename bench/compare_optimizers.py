@@ -144,10 +144,11 @@ def main():
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "command": " ".join(["python"] + sys.argv), "steps": steps, "sweep": json.dumps(sweep)}
     write_table(args.out_dir, name, meta, rows)
-    plot(curves, best, os.path.join(args.out_dir, name + ".png"), f"{args.stage} ({args.scale})")
+    plot(curves, {opt: f"{opt} (lr {best[opt]})" for opt in curves}, os.path.join(args.out_dir, name + ".png"),
+         f"Muon vs AdamW: {args.stage} ({args.scale})")
 
 
-def plot(curves, best, path, title):
+def plot(curves, labels, path, title):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -158,10 +159,10 @@ def plot(curves, best, path, title):
     fig, ax = plt.subplots(figsize=(6, 4))
     for opt, curve in curves.items():
         xs, ys = zip(*curve[1:])  # the step-0 loss dwarfs the rest
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{opt} (lr {best[opt]})")
-    ax.set_xlabel("tokens" if curves["muon"][-1][0] > 10_000 else "step")
+        ax.plot(xs, ys, marker="o", ms=3, label=labels[opt])
+    ax.set_xlabel("tokens" if next(iter(curves.values()))[-1][0] > 10_000 else "step")
     ax.set_ylabel("val loss")
-    ax.set_title(f"Muon vs AdamW: {title}")
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -116,9 +116,9 @@ def test_gqa_projection_shapes():
 def test_model_works_with_as_many_kv_heads_as_query_heads():
     model = tiny_model(num_key_value_heads=HEADS)
     assert model.layers[0].attn.k_proj.weight.shape == (HIDDEN, HIDDEN)
-    logits, loss = model(tokens(2, 10), targets=tokens(2, 10, seed=2))
+    logits, _ = model(tokens(2, 10))
     assert logits.shape == (2, 10, VOCAB)
-    assert torch.isfinite(loss)
+    assert torch.isfinite(model(tokens(2, 10), targets=tokens(2, 10, seed=2))[1])
 
 
 def test_no_biases_anywhere():
@@ -136,8 +136,10 @@ def test_fresh_model_starts_near_uniform_prediction():
 def test_logits_are_float32_under_bf16_autocast():
     model = tiny_model()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss = model(tokens(2, 8), targets=tokens(2, 8, seed=2))
+        logits, _ = model(tokens(2, 8))
+        no_logits, loss = model(tokens(2, 8), targets=tokens(2, 8, seed=2))
     assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+    assert no_logits is None  # with targets only the loss comes back (see GPT.forward)
     assert torch.isfinite(loss)
 
 
@@ -219,7 +221,8 @@ def test_loss_is_the_masked_mean_of_per_token_cross_entropy():
     loss_mask = torch.zeros(2, 12, dtype=torch.long)
     loss_mask[0, 4:9] = 1
     loss_mask[1, 2:6] = 1
-    logits, loss = model(idx, targets=targets, loss_mask=loss_mask)
+    logits, _ = model(idx)
+    _, loss = model(idx, targets=targets, loss_mask=loss_mask)
     keep = (loss_mask == 1) & (targets != -1)
     per_token = F.cross_entropy(logits[keep], targets[keep], reduction="none")
     assert keep.sum() == 8
@@ -229,7 +232,8 @@ def test_loss_is_the_masked_mean_of_per_token_cross_entropy():
 def test_loss_without_mask_averages_every_position():
     model = tiny_model()
     idx, targets = tokens(2, 12), tokens(2, 12, seed=2)
-    logits, loss = model(idx, targets=targets)
+    logits, _ = model(idx)
+    _, loss = model(idx, targets=targets)
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1)))
 
 

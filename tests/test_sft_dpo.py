@@ -5,12 +5,11 @@ import math
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from common import make_optimizers, save_checkpoint
+from common import make_optimizers, save_checkpoint, train_arg_parser
 from data.chat import render_conversation
 from data.loaders import collate_dpo, collate_sft, encode_dpo
 from data.prepare import prepare_default
@@ -85,7 +84,7 @@ def test_a_few_muon_dpo_steps_raise_the_margin_of_the_trained_pairs(data_dir):
                              num_key_value_heads=1, max_seq_len=160))
     ref = GPT(policy.config).requires_grad_(False)
     ref.load_state_dict(policy.state_dict())
-    args = SimpleNamespace(lr_muon=0.02, lr_adamw=3e-3, momentum=0.85, weight_decay=0.0)
+    args = train_arg_parser("test").parse_args(["--lr_muon", "0.02", "--lr_adamw", "3e-3", "--momentum", "0.85"])
     muon_params, adamw_params = split_params(policy)
     muon_opt, adamw_opt = make_optimizers(muon_params, adamw_params, args, 1, torch.device("cpu"))
     with torch.no_grad():
