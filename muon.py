@@ -88,7 +88,10 @@ def newton_schulz(G: Tensor, steps: int, coefficients: str = "quintic") -> Tenso
     if tall:  # iterate on the wide orientation: the Gram matrix X X^T is then the small one
         X = X.mT
     margin = 1.02 if coefficients == "polar_express" else 1.0
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)
+    # Frobenius norm as row sums, then their sum: a two-stage reduction keeps the whole GPU busy,
+    # where one reduction per matrix gets one block per matrix (measured 14 ms of 138 at 2048x24)
+    norm = X.float().square().sum(dim=-1, keepdim=True).sum(dim=-2, keepdim=True).sqrt().to(X.dtype)
+    X = X / (norm * margin + 1e-7)
     for a, b, c in newton_schulz_coefficients(coefficients, steps):
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A in one matmul with fused epilogue
@@ -451,8 +454,8 @@ class DistMuon(torch.optim.Optimizer):
                     continue
                 stack_shape, stored_shape = _state_shapes(bucket[0], key)
                 mats = [self.state[bucket[i]][key].reshape(stack_shape) for i in owned]
-                placeholder = bucket[0].new_zeros(stack_shape, dtype=torch.float32 if key != "momentum_buffer" else None)
-                mine = self._padded_stack(mats or [placeholder], per_rank)[:per_rank]
+                dtype = None if key == "momentum_buffer" else torch.float32
+                mine = self._padded_stack(mats or [bucket[0].new_zeros(stack_shape, dtype=dtype)], per_rank)[:per_rank]
                 if not mats:
                     mine.zero_()
                 full = mine.new_empty((per_rank * self.world_size, *mine.shape[1:]))

@@ -39,6 +39,24 @@ def variants(args):
     }
 
 
+def run_once(out_dir, flags):
+    """run(), or the result a finished earlier run left in out_dir/result.json (a benchmark split
+    over several sessions carries those files over); the checkpoint is not kept."""
+    done = os.path.join(out_dir, "result.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            saved = json.load(f)
+        if saved["flags"] == flags:
+            print(f"  {os.path.basename(out_dir)}: reused {done}")
+            return saved["rows"], saved["wall"]
+    rows, wall = run("train_pretrain_muon.py", out_dir, flags, print)
+    with open(done, "w") as f:
+        json.dump({"flags": flags, "rows": rows, "wall": wall}, f)
+    if os.path.exists(os.path.join(out_dir, "pretrain.pt")):
+        os.remove(os.path.join(out_dir, "pretrain.pt"))
+    return rows, wall
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=list(SCALES), default="cpu")
@@ -67,8 +85,8 @@ def main():
         todo = {k: v for k, v in todo.items() if k in args.only.split(",") or k == "plain"}
     os.makedirs(args.work_dir, exist_ok=True)
     print(f"{len(todo)} runs of {steps} steps, {args.scale}", flush=True)
-    results = {name: run("train_pretrain_muon.py", os.path.join(args.work_dir, f"{args.scale}_{name}"),
-                         common + flags, print) for name, flags in todo.items()}
+    results = {name: run_once(os.path.join(args.work_dir, f"{args.scale}_{name}"), common + flags)
+               for name, flags in todo.items()}
 
     curves = {name: evals(rows) for name, (rows, _) in results.items()}
     target = curves["plain"][-1][1]

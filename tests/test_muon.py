@@ -238,30 +238,35 @@ def test_cautious_weight_decay_differs_from_plain_decay():
 
 def test_compiled_step_never_recompiles_when_hyperparameters_change():
     # The compiled path, forced on CPU with a counting backend (aot_eager: traced and compiled by
-    # dynamo/AOTAutograd, run without inductor codegen, so it is exact). Dynamo compiles one graph
-    # per same-shape stack on the first step; 50 steps of changing lr, momentum, weight decay and
-    # grad_scale must not add any: they enter as 0-D tensors, not constants baked into the graph.
+    # dynamo/AOTAutograd, run without inductor codegen, so it is exact); on a CUDA machine the real
+    # thing (inductor on the GPU). Dynamo compiles one graph per same-shape stack on the first step;
+    # 50 steps of changing lr, momentum, weight decay and grad_scale must not add any: they enter
+    # as 0-D tensors, not constants baked into the graph.
     from torch._dynamo.testing import CompileCounterWithBackend
-    counter = CompileCounterWithBackend("aot_eager")
+    cuda = torch.cuda.is_available()
+    counter = CompileCounterWithBackend("inductor" if cuda else "aot_eager")
     old, muon.COMPILE_BACKEND = muon.COMPILE_BACKEND, counter
     try:
-        compiled, eager = make_params(), make_params()
+        device = "cuda" if cuda else "cpu"
+        start = [p.to(device) for p in make_params()]
+        compiled, eager = [torch.nn.Parameter(p.clone()) for p in start], [torch.nn.Parameter(p.clone()) for p in start]
         opts = [Muon(param_groups(ps), compile=c, **OPTIONS["all"]) for ps, c in ((compiled, True), (eager, False))]
         n_stacks = len({(tuple(p.shape), i < 7) for i, p in enumerate(compiled)})
         for step in range(50):
             for pc, pe, g in zip(compiled, eager, global_grads(step)):
-                pc.grad, pe.grad = g, g.clone()
+                pc.grad, pe.grad = g.to(device), g.to(device)
             for opt in opts:
                 for group in opt.param_groups:
                     group["lr"] = 0.05 * (1 - step / 50)
                     group["momentum"] = 0.85 + 0.1 * min(step / 20, 1)
                     group["weight_decay"] = 0.1 * (step % 3)
-                opt.step(grad_scale=torch.tensor(1.0 / (1 + step % 4)))
+                opt.step(grad_scale=torch.tensor(1.0 / (1 + step % 4), device=device))
             if step == 0:
                 assert counter.frame_count == n_stacks
         assert counter.frame_count == n_stacks, "a hyperparameter change recompiled the step"
-        for pc, pe in zip(compiled, eager):
-            torch.testing.assert_close(pc, pe, atol=1e-5, rtol=1e-5)
+        for pc, pe, p0 in zip(compiled, eager, start):
+            # exact on CPU; inductor's fused bf16 math rounds differently, by a few % of the path
+            assert (pc - pe).norm() <= (0.1 if cuda else 1e-6) * (pe - p0).norm()
     finally:
         muon.COMPILE_BACKEND = old
 
