@@ -3,6 +3,17 @@
 `build_corpus` returns pretraining stories, chat questions with one checkable
 answer (SFT), and preference pairs (DPO), each with held-out splits, all drawn
 deterministically from a seed. `answer_is_correct` grades a model's reply.
+
+What the DPO pairs test: a style, not facts. Most SFT replies end with a needless
+hedge ("Mia's kite is red, I think."): each of the three hedged forms is twice as
+common as the plain reply, so SFT teaches the model to hedge. A DPO pair keeps
+the correct value and prefers the plain reply to the same reply with a hedge. The
+SFT model prefers the hedged one, so held-out preference accuracy starts near 0%
+and rises only by what DPO teaches, while answer accuracy (both forms grade as
+correct) shows what that costs in facts. Pairs that differ in the value would test
+which value belongs to whom, which a model this small barely learns; with all four
+forms equally common, the SFT model's preference was a coin toss on margins of a
+few tenths of a nat (1% to 83% over 11 seeds, in a trial with longer hedges).
 """
 import functools
 import random
@@ -79,6 +90,12 @@ WALK_FILLERS = (
     "They played games in the park.", "They stayed until the evening.",
 )
 PERSON_FACTS = ("home", "object", "count", "age", "pet")
+# The rejected style of the DPO pairs: doubt about a fact the story states plainly ("Mia's kite is
+# red, I think."). Short: the stories never use these words, so each costs several tokenizer
+# pieces, and SFT's loss should stay mostly on the answers. None names a value of any category,
+# so a hedged reply grades like the plain one.
+HEDGES = ("I think", "I guess", "maybe")
+PLAIN_SHARE = 1 / 7  # of SFT replies; each hedge gets 2/7, enough to outweigh the seed-to-seed noise
 
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
@@ -217,7 +234,7 @@ def _pretrain_story(rng):
 
 
 def _qa_item(rng):
-    """A story, a question about it, and the facts needed: (prompt msgs, answer, choices, template, fmt)."""
+    """A story and a question about it: (prompt msgs, plain reply, answer, choices)."""
     kind = rng.choice(tuple(QUESTIONS))
     n_people = 3 if kind == "companion" else rng.choice((2, 3))
     people, facts, walk = _make_cast(rng, n_people)
@@ -251,25 +268,26 @@ def _qa_item(rng):
     prompt = [{"role": "user", "content": user}]
     if rng.random() < 0.3:
         prompt.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-    # Wrong answers: prefer values the story itself offers that the question does not name.
-    in_story = _find_choices(story, choices) - {answer}
-    wrong = sorted(in_story - _find_choices(question, choices)) or sorted(in_story)
-    return prompt, answer, list(choices), answer_tpl, fmt, wrong
+    reply = answer_tpl.format(v=answer, **fmt)
+    return prompt, reply, answer, list(choices)
+
+
+def hedged(reply, hedge):
+    """ "Mia's kite is red." -> "Mia's kite is red, I think." (every reply template ends with a period)"""
+    return f"{reply[:-1]}, {hedge}."
 
 
 def _sft_example(rng):
-    prompt, answer, choices, answer_tpl, fmt, _ = _qa_item(rng)
-    reply = {"role": "assistant", "content": answer_tpl.format(v=answer, **fmt)}
-    return {"conversations": prompt + [reply], "answer": answer, "choices": choices}
+    prompt, reply, answer, choices = _qa_item(rng)
+    content = reply if rng.random() < PLAIN_SHARE else hedged(reply, rng.choice(HEDGES))
+    return {"conversations": prompt + [{"role": "assistant", "content": content}], "answer": answer,
+            "choices": choices}
 
 
 def _dpo_pair(rng):
-    prompt, answer, choices, answer_tpl, fmt, wrong = _qa_item(rng)
-    if not wrong:  # cannot happen with the templates above; kept so a new kind fails soft
-        wrong = [c for c in choices if c != answer]
-    bad = rng.choice(wrong)
-    chosen = prompt + [{"role": "assistant", "content": answer_tpl.format(v=answer, **fmt)}]
-    rejected = [dict(m) for m in prompt] + [{"role": "assistant", "content": answer_tpl.format(v=bad, **fmt)}]
+    prompt, reply, answer, choices = _qa_item(rng)
+    chosen = prompt + [{"role": "assistant", "content": reply}]
+    rejected = [dict(m) for m in prompt] + [{"role": "assistant", "content": hedged(reply, rng.choice(HEDGES))}]
     return {"chosen": chosen, "rejected": rejected, "answer": answer, "choices": choices}
 
 

@@ -3,7 +3,8 @@ import re
 
 import pytest
 
-from data.corpus import ANIMALS, COLOURS, NUMBERS, PEOPLE, PLACES, answer_is_correct, build_corpus
+from data.corpus import (ANIMALS, COLOURS, HEDGES, ITEMS, NUMBERS, OBJECTS, PEOPLE, PLACES, PLAIN_SHARE,
+                         answer_is_correct, build_corpus, hedged)
 
 SMALL = dict(seed=7, n_stories=1000, n_sft=600, n_dpo=400, n_eval=100)
 
@@ -108,17 +109,40 @@ def test_sft_assistant_reply_passes_the_checker(corpus):
             assert answer_is_correct(ex["conversations"][-1]["content"], ex["answer"], ex["choices"]), ex
 
 
-def test_dpo_chosen_passes_and_rejected_fails_the_checker(corpus):
+def test_sft_replies_are_plain_or_hedged_and_each_hedge_is_more_common_than_plain(corpus):
+    forms = {None: 0, **{h: 0 for h in HEDGES}}
+    for ex in corpus["sft"]["train"]:
+        reply = ex["conversations"][-1]["content"]
+        forms[next((h for h in HEDGES if reply.endswith(f", {h}.")), None)] += 1
+    plain = forms.pop(None)
+    assert 0.75 * PLAIN_SHARE < plain / len(corpus["sft"]["train"]) < 1.25 * PLAIN_SHARE
+    assert all(n > 1.5 * plain for n in forms.values()), (plain, forms)
+
+
+def test_dpo_chosen_is_the_plain_reply_and_rejected_adds_a_hedge(corpus):
     for split in corpus["dpo"].values():
         for p in split:
-            assert answer_is_correct(p["chosen"][-1]["content"], p["answer"], p["choices"])
-            assert not answer_is_correct(p["rejected"][-1]["content"], p["answer"], p["choices"])
+            chosen, rejected = p["chosen"][-1]["content"], p["rejected"][-1]["content"]
+            assert not any(chosen.endswith(f", {h}.") for h in HEDGES)
+            assert rejected in {hedged(chosen, h) for h in HEDGES}, p
 
 
-def test_dpo_rejected_names_a_wrong_value_taken_from_the_story(corpus):
-    for p in corpus["dpo"]["train"]:
-        wrong = [c for c in p["choices"] if c != p["answer"] and _names(p["rejected"][-1]["content"], c)]
-        assert len(wrong) == 1 and _names(_story(p["chosen"]), wrong[0]), p
+def test_dpo_chosen_and_rejected_both_pass_the_checker(corpus):
+    for split in corpus["dpo"].values():
+        for p in split:
+            for side in ("chosen", "rejected"):
+                assert answer_is_correct(p[side][-1]["content"], p["answer"], p["choices"]), p
+
+
+def test_a_hedge_goes_before_the_final_period():
+    assert hedged("Mia's kite is red.", "I think") == "Mia's kite is red, I think."
+    assert hedged("Tom did.", "maybe") == "Tom did, maybe."
+
+
+def test_hedges_name_no_value_of_any_category():
+    for hedge in HEDGES:
+        for category in (PEOPLE, PLACES, COLOURS, NUMBERS, ANIMALS, OBJECTS, ITEMS):
+            assert not any(_names(hedge.lower(), c.lower()) for c in category), hedge
 
 
 def test_dpo_chosen_and_rejected_share_the_prompt(corpus):

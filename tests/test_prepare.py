@@ -69,6 +69,22 @@ def test_ensure_prepared_prepares_only_when_meta_is_missing(tmp_path, monkeypatc
     assert prepare.ensure_prepared(out) == out
 
 
+def test_ensure_prepared_regenerates_a_corpus_made_by_other_corpus_code(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "emb")
+    prepare.prepare_default(out, vocab_size=300, quiet=True, **TINY)
+    meta_path = os.path.join(out, "meta.json")
+    meta = json.load(open(meta_path))
+    assert meta["source"]["corpus_fingerprint"] == prepare.corpus_fingerprint()
+    meta["source"]["corpus_fingerprint"] = "0123456789abcdef"  # as if data/corpus.py changed since
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    prepare.ensure_prepared(out, quiet=True)
+    assert "regenerating" in capsys.readouterr().out
+    again = json.load(open(meta_path))
+    assert again["source"] == {**meta["source"], "corpus_fingerprint": prepare.corpus_fingerprint()}
+    assert again["vocab_size"] == meta["vocab_size"]  # made again with the same arguments
+
+
 def _real_inputs(d):
     d.mkdir()
     (d / "pre").mkdir()
