@@ -32,7 +32,8 @@ entry per parameter, {"momentum_buffer": tensor of the parameter's shape} plus, 
 slices its ranks own before saving and keeps only its own slice after loading, so a state dict
 moves freely between Muon, DistMuon and any world size.
 
-Speed: same-shape parameters form one stack, so each shape is one batched Newton-Schulz. On
+Speed: same-shape parameters form one stack, so each shape is one batched Newton-Schulz; their
+weights and buffers live in stacked tensors that the parameters and state entries view. On
 CUDA the whole step of a stack (momentum -> orthogonalise -> normalise -> decay -> update) is
 one torch.compile'd graph whose hyperparameters enter as 0-D tensors: a learning-rate or
 momentum schedule changes their values, never the graph, so it never recompiles.
@@ -141,25 +142,22 @@ def muon_update(G: Tensor, bufs: Tensor, second: Tensor | None, hp: dict, nester
     return normuon_normalise(O, second, hp["beta2"]) if second is not None else O
 
 
-def apply_update(params: list, update: Tensor, hp: dict, scale: float, cautious_wd: bool) -> None:
-    """Decoupled weight decay, then the scaled step, in place:
-    p <- p - lr*wd*p [only where update and p agree in sign, if cautious_wd] - lr*scale*update."""
+def apply_update(P: Tensor, update: Tensor, hp: dict, scale: float, cautious_wd: bool) -> None:
+    """Decoupled weight decay, then the scaled step, in place on the stacked weights P:
+    P <- P - lr*wd*P [only where update and P agree in sign, if cautious_wd] - lr*scale*update."""
     lr, wd = hp["lr"], hp["weight_decay"]
-    for p, u in zip(params, update.unbind(0)):
-        p = matrix_view(p)
-        if cautious_wd:  # decay only the weights this step already moves towards zero
-            p.sub_(p * (u * p >= 0) * (lr * wd))
-        else:
-            p.mul_(1 - lr * wd)
-        p.sub_(u * (lr * scale))  # a bf16 update promotes to the weight's dtype inside the kernel
+    if cautious_wd:  # decay only the weights this step already moves towards zero
+        P.sub_(P * (update * P >= 0) * (lr * wd))
+    else:
+        P.mul_(1 - lr * wd)
+    P.sub_(update * (lr * scale))  # a bf16 update promotes to the weight's dtype inside the kernel
 
 
-def muon_step(params: list, grads: list, bufs: Tensor, second: Tensor | None, hp: dict, nesterov: bool,
+def muon_step(P: Tensor, G: Tensor, bufs: Tensor, second: Tensor | None, hp: dict, nesterov: bool,
               ns_steps: int, coefficients: str, scale: float, cautious_wd: bool) -> None:
     """The whole single-device step of one same-shape stack: what Muon compiles as one graph."""
-    G = torch.stack([matrix_view(g) for g in grads])
     update = muon_update(G, bufs, second, hp, nesterov, ns_steps, coefficients)
-    apply_update(params, update, hp, scale, cautious_wd)
+    apply_update(P, update, hp, scale, cautious_wd)
 
 
 # torch.compile backend; tests swap in a counting backend to check that nothing recompiles
@@ -226,6 +224,33 @@ def _state_keys(group: dict) -> tuple:
     return ("momentum_buffer", "second_moment") if group["normuon"] else ("momentum_buffer",)
 
 
+def _views_of(stack: Tensor, tensors) -> bool:
+    """True while tensors[i] still starts where stack[i] does, for every i."""
+    size = stack[0].numel() * stack.element_size()
+    return all(t is not None and t.data_ptr() == stack.data_ptr() + i * size for i, t in enumerate(tensors))
+
+
+def stacked_params(stacks: dict, params) -> Tensor:
+    """A bucket's weights as one stacked tensor [n, *matrix view], each parameter's .data a view into it.
+
+    The update then reaches all the bucket's weights in one kernel, where a loop over parameters
+    launched one per parameter (measured 6.64 -> 5.6 ms for GPT-2-small's matrices on an H100).
+    Nothing else changes for the model: a parameter keeps its shape, grad and identity. If
+    something later replaces a parameter's data (load_state_dict(assign=True), .to()), the
+    bucket is stacked again at the next step.
+    """
+    key = ("params", *(id(p) for p in params))
+    stack = stacks.get(key)
+    if stack is None or not _views_of(stack, [p.data for p in params]):
+        for k in [k for k in stacks if k[0] == "params" and set(k[1:]) & set(key[1:])]:
+            del stacks[k]  # an older stack of some of these weights (the set of params with grads changed)
+        stack = torch.stack([matrix_view(p.data) for p in params])
+        for i, p in enumerate(params):
+            p.data = stack[i].view(p.shape)
+        stacks[key] = stack
+    return stack
+
+
 def stacked_state(state, stacks: dict, params, key: str) -> Tensor:
     """The `key` buffers of a bucket as one stacked tensor, updated in place by the step.
 
@@ -236,8 +261,8 @@ def stacked_state(state, stacks: dict, params, key: str) -> Tensor:
     """
     cache_key = (key, *(id(p) for p in params))
     stack = stacks.get(cache_key)
-    bufs = [state[p].get(key) for p in params]
-    if stack is None or any(b is None or b.data_ptr() != stack[i].data_ptr() for i, b in enumerate(bufs)):
+    if stack is None or not _views_of(stack, [state[p].get(key) for p in params]):
+        bufs = [state[p].get(key) for p in params]
         dtype = None if key == "momentum_buffer" else torch.float32
         stack = torch.stack([b.reshape(_state_shapes(p, key)[0]).to(dtype or p.dtype) if b is not None
                              else p.new_zeros(_state_shapes(p, key)[0], dtype=dtype) for p, b in zip(params, bufs)])
@@ -289,7 +314,7 @@ class Muon(torch.optim.Optimizer):
             cautious_wd=cautious_wd))
         _check_params(self.param_groups)
         self.compile = compile
-        self._stacks = {}  # see stacked_state
+        self._stacks = {}  # see stacked_params and stacked_state
         self._hp = {}  # see hyperparameters
 
     @torch.no_grad()
@@ -306,10 +331,11 @@ class Muon(torch.optim.Optimizer):
             for bucket in _same_shape_buckets(params):
                 bufs = stacked_state(self.state, self._stacks, bucket, "momentum_buffer")
                 second = stacked_state(self.state, self._stacks, bucket, "second_moment") if group["normuon"] else None
+                weights = stacked_params(self._stacks, bucket)
+                grads = torch.stack([matrix_view(p.grad) for p in bucket])  # one copy kernel, outside the graph
                 step = maybe_compiled(muon_step, bucket[0].is_cuda if self.compile is None else self.compile)
-                step(bucket, [p.grad for p in bucket], bufs, second, hp, group["nesterov"], group["ns_steps"],
-                     group["ns_coefficients"], update_scale(matrix_view(bucket[0]).shape, group["adjust_lr"]),
-                     group["cautious_wd"])
+                step(weights, grads, bufs, second, hp, group["nesterov"], group["ns_steps"], group["ns_coefficients"],
+                     update_scale(matrix_view(bucket[0]).shape, group["adjust_lr"]), group["cautious_wd"])
         return loss
 
 
@@ -353,7 +379,7 @@ class DistMuon(torch.optim.Optimizer):
         _check_params(self.param_groups)
         self.compile = compile
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self._stacks = {}  # see stacked_state
+        self._stacks = {}  # see stacked_params and stacked_state
         self._hp = {}  # see hyperparameters
         self._pending = None  # phase-1 work in flight: [(work, averaged grad slice)]
 
@@ -439,7 +465,8 @@ class DistMuon(torch.optim.Optimizer):
         # 3. every rank applies every update to its replica of the weights
         for work, full, group, bucket in gathers:
             work.wait()
-            self._compiled(apply_update, full)(bucket, full[:len(bucket)], hps[id(group)],
+            weights = stacked_params(self._stacks, bucket)
+            self._compiled(apply_update, full)(weights, full[:len(bucket)], hps[id(group)],
                                                update_scale(full.shape, group["adjust_lr"]), group["cautious_wd"])
         return loss
 

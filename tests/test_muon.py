@@ -308,6 +308,33 @@ def test_muon_state_dict_round_trip_continues_the_same_trajectory(options, tmp_p
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_muon_keeps_each_buckets_weights_in_one_stack_the_parameters_view():
+    params = make_params()
+    ids, shapes = [id(p) for p in params], [p.shape for p in params]
+    _, opt = run_muon(1, params=params)
+    assert [id(p) for p in params] == ids and [p.shape for p in params] == shapes
+    bucket = params[:5]  # the five (16, 32) matrices of the first group
+    start = bucket[0].data_ptr()
+    assert [p.data_ptr() for p in bucket] == [start + i * 16 * 32 * 4 for i in range(5)]
+    stacks = [s for k, s in opt._stacks.items() if k[0] == "params"]
+    assert any(s.data_ptr() == start and s.shape == (5, 16, 32) for s in stacks)
+
+
+def test_muon_restacks_weights_whose_data_was_replaced():
+    # load_state_dict(assign=True) or .to() give a parameter new storage: the next step must
+    # update the parameter the model holds, not the stale stack
+    full, _ = run_muon(STEPS)
+    params, opt = run_muon(2)
+    for p in params[::2]:
+        p.data = p.data.clone()
+    for step in range(2, STEPS):
+        for p, g in zip(params, global_grads(step)):
+            p.grad = g
+        opt.step()
+    for a, b in zip(full, params):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_muon_refuses_vectors_and_points_to_adamw():
     with pytest.raises(ValueError, match="AdamW"):
         Muon([torch.nn.Parameter(torch.zeros(8))])
