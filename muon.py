@@ -234,14 +234,15 @@ def stacked_params(stacks: dict, params) -> Tensor:
     """A bucket's weights as one stacked tensor [n, *matrix view], each parameter's .data a view into it.
 
     The update then reaches all the bucket's weights in one kernel, where a loop over parameters
-    launched one per parameter (measured 6.64 -> 5.6 ms for GPT-2-small's matrices on an H100).
+    launched one per parameter (GPT-2-small's matrices, every option on, one H100: 7.40 and 6.99
+    -> 6.69 and 6.67 ms, bench/results/muon_step_stacked_weights.md).
     Nothing else changes for the model: a parameter keeps its shape, grad and identity. If
     something later replaces a parameter's data (load_state_dict(assign=True), .to()), the
     bucket is stacked again at the next step.
     """
     key = ("params", *(id(p) for p in params))
     stack = stacks.get(key)
-    if stack is None or not _views_of(stack, [p.data for p in params]):
+    if stack is None or not _views_of(stack, params):  # a parameter's data_ptr is its .data's
         for k in [k for k in stacks if k[0] == "params" and set(k[1:]) & set(key[1:])]:
             del stacks[k]  # an older stack of some of these weights (the set of params with grads changed)
         stack = torch.stack([matrix_view(p.data) for p in params])
@@ -261,8 +262,8 @@ def stacked_state(state, stacks: dict, params, key: str) -> Tensor:
     """
     cache_key = (key, *(id(p) for p in params))
     stack = stacks.get(cache_key)
-    if stack is None or not _views_of(stack, [state[p].get(key) for p in params]):
-        bufs = [state[p].get(key) for p in params]
+    bufs = [state[p].get(key) for p in params]
+    if stack is None or not _views_of(stack, bufs):
         dtype = None if key == "momentum_buffer" else torch.float32
         stack = torch.stack([b.reshape(_state_shapes(p, key)[0]).to(dtype or p.dtype) if b is not None
                              else p.new_zeros(_state_shapes(p, key)[0], dtype=dtype) for p, b in zip(params, bufs)])
