@@ -44,6 +44,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+try:  # ships with CUDA builds of torch; without it the symmetric products run as plain matmuls
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 # torch 2.13 renamed the flat collectives; 2.11 only has the old names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -94,12 +100,30 @@ def newton_schulz(G: Tensor, steps: int, coefficients: str = "quintic") -> Tenso
     norm = X.float().square().sum(dim=-1, keepdim=True).sum(dim=-2, keepdim=True).sqrt().to(X.dtype)
     X = X / (norm * margin + 1e-7)
     for a, b, c in newton_schulz_coefficients(coefficients, steps):
-        A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A in one matmul with fused epilogue
-        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
+        A = gram(X)  # X X^T
+        B = gram(A, alpha=c, beta=b, C=A, shift=a)  # a*I + b*A + c*A@A (A is symmetric: A@A = A A^T)
+        X = B @ X  # a*X + b*A@X + c*A@A@X; `a` rides on B's diagonal, so no copy of X for a baddbmm
     if tall:
         X = X.mT
     return X.reshape(G.shape)
+
+
+def gram(X: Tensor, alpha: float = 1.0, beta: float = 0.0, C: Tensor | None = None, shift: float = 0.0) -> Tensor:
+    """shift * I + beta * C + alpha * X @ X^T for a stack X [n, m, k] (C: [n, m, m], symmetric).
+
+    The result is symmetric, so on CUDA a Triton kernel computes only the tiles on and above the
+    diagonal and mirrors them: X X^T and A A^T cost about half their matmul, a third of the
+    Newton-Schulz FLOPs for square matrices. Elsewhere it is one (b)addbmm.
+    """
+    if X.is_cuda and GRAM_TRITON:
+        return _gram_triton(X, alpha, beta, C, shift)
+    if C is None:
+        out = X @ X.mT if alpha == 1.0 else alpha * (X @ X.mT)
+    else:
+        out = torch.baddbmm(C, X, X.mT, beta=beta, alpha=alpha)
+    if shift:
+        out.diagonal(dim1=-2, dim2=-1).add_(shift)
+    return out
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, coefficients: str = "quintic") -> Tensor:
@@ -158,6 +182,57 @@ def muon_step(P: Tensor, G: Tensor, bufs: Tensor, second: Tensor | None, hp: dic
     """The whole single-device step of one same-shape stack: what Muon compiles as one graph."""
     update = muon_update(G, bufs, second, hp, nesterov, ns_steps, coefficients)
     apply_update(P, update, hp, scale, cautious_wd)
+
+
+# The symmetric product as a Triton kernel (CUDA only; tests run it on CPU through Triton's
+# interpreter). Program (i, j, b) computes tile (i, j) of matrix b for j >= i only, from row
+# blocks i and j of X, and writes it twice: at (i, j) and, transposed, at (j, i).
+if triton is not None:
+    @triton.jit
+    def _gram_kernel(X, C, Out, alpha, beta, shift, sxb, sxm, sxk, scb, scm, scn, sob, som, son,
+                     M: tl.constexpr, K: tl.constexpr, HAS_C: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        i, j, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if j < i:  # the lower triangle is written by its mirror tile
+            return
+        ri = i * BLOCK_M + tl.arange(0, BLOCK_M)
+        rj = j * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_K)
+        xi = X + b * sxb + ri[:, None] * sxm + rk[None, :] * sxk  # [BLOCK_M, BLOCK_K] of row block i
+        xj = X + b * sxb + rj[None, :] * sxm + rk[:, None] * sxk  # [BLOCK_K, BLOCK_M]: row block j, transposed
+        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            xi_tile = tl.load(xi, mask=(ri[:, None] < M) & (k + rk[None, :] < K), other=0.0)
+            xj_tile = tl.load(xj, mask=(rj[None, :] < M) & (k + rk[:, None] < K), other=0.0)
+            acc = tl.dot(xi_tile, xj_tile, acc)
+            xi += BLOCK_K * sxk
+            xj += BLOCK_K * sxk
+        acc = acc * alpha
+        inside = (ri[:, None] < M) & (rj[None, :] < M)
+        if HAS_C:
+            acc += beta * tl.load(C + b * scb + ri[:, None] * scm + rj[None, :] * scn, mask=inside).to(tl.float32)
+        acc += tl.where(ri[:, None] == rj[None, :], shift, 0.0)
+        out = acc.to(Out.dtype.element_ty)
+        tl.store(Out + b * sob + ri[:, None] * som + rj[None, :] * son, out, mask=inside)
+        if i != j:
+            tl.store(Out + b * sob + rj[:, None] * som + ri[None, :] * son, tl.trans(out), mask=tl.trans(inside))
+
+# Set False to run the symmetric products as cuBLAS matmuls on CUDA too (bench/muon_step.py does).
+GRAM_TRITON = triton is not None
+# Tile shape and pipelining of the kernel (measured on an H200: bench/gram_kernel.py).
+GRAM_CONFIG = dict(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def _gram_triton(X: Tensor, alpha: float, beta: float, C: Tensor | None, shift: float = 0.0,
+                 config: dict | None = None) -> Tensor:
+    n, M, K = X.shape  # any strides: a transposed (tall) stack is read as it lies, without a copy
+    out = X.new_empty((n, M, M))
+    C_ = out if C is None else C  # never read when HAS_C is False
+    cfg = config or GRAM_CONFIG
+    tiles = triton.cdiv(M, cfg["BLOCK_M"])
+    _gram_kernel[(tiles, tiles, n)](X, C_, out, alpha, beta, shift, *X.stride(), *C_.stride(), *out.stride(),
+                                    M=M, K=K, HAS_C=C is not None, **cfg)
+    return out
 
 
 # torch.compile backend; tests swap in a counting backend to check that nothing recompiles

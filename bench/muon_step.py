@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import muon  # noqa: E402
 from muon import DistMuon, Muon  # noqa: E402
 
 # every option on: the configuration nanochat's fused MuonAdamW step was timed in
@@ -120,6 +121,15 @@ def main():
             ours = Muon(params, lr=0.02, momentum=0.95)
             row["ours_ms"] = round(time_ms(ours.step, device, args.warmup, args.repeat), 2)
             del ours, params
+            if device.type == "cuda" and muon.GRAM_TRITON:  # the same step with cuBLAS for X X^T and A A^T
+                muon.GRAM_TRITON = False
+                torch._dynamo.reset()
+                params = make_params(shapes, device)
+                ours = Muon(params, lr=0.02, momentum=0.95)
+                row["ours_cublas_gram_ms"] = round(time_ms(ours.step, device, args.warmup, args.repeat), 2)
+                muon.GRAM_TRITON = True
+                torch._dynamo.reset()
+                del ours, params
             params = make_params(shapes, device)
             ours = Muon(params, lr=0.02, momentum=0.95, **ALL_OPTIONS)
             row["all_options_ms"] = round(time_ms(ours.step, device, args.warmup, args.repeat), 2)
