@@ -33,7 +33,9 @@ slices its ranks own before saving and keeps only its own slice after loading, s
 moves freely between Muon, DistMuon and any world size.
 
 Speed: same-shape parameters form one stack, so each shape is one batched Newton-Schulz; their
-weights and buffers live in stacked tensors that the parameters and state entries view. On
+weights and buffers live in stacked tensors that the parameters and state entries view. Each
+iteration's two symmetric products (X X^T and a*I + b*A + c*A A^T) run on CUDA in a Triton kernel
+that computes only the upper tiles (`gram`). On
 CUDA the whole step of a stack (momentum -> orthogonalise -> normalise -> decay -> update) is
 one torch.compile'd graph whose hyperparameters enter as 0-D tensors: a learning-rate or
 momentum schedule changes their values, never the graph, so it never recompiles.
