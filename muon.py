@@ -114,8 +114,8 @@ def gram(X: Tensor, alpha: float = 1.0, beta: float = 0.0, C: Tensor | None = No
     """shift * I + beta * C + alpha * X @ X^T for a stack X [n, m, k] (C: [n, m, m], symmetric).
 
     The result is symmetric, so on CUDA a Triton kernel computes only the tiles on and above the
-    diagonal and mirrors them: X X^T and A A^T cost about half their matmul, a third of the
-    Newton-Schulz FLOPs for square matrices. Elsewhere it is one (b)addbmm.
+    diagonal and mirrors them: X X^T and A A^T each cost about half a matmul, which saves a third
+    of the Newton-Schulz FLOPs for square matrices. Elsewhere it is one (b)addbmm.
     """
     if X.is_cuda and GRAM_TRITON:
         return _gram_triton(X, alpha, beta, C, shift)
