@@ -101,10 +101,14 @@ def newton_schulz(G: Tensor, steps: int, coefficients: str = "quintic") -> Tenso
     # where one reduction per matrix gets one block per matrix (measured 14 ms of 138 at 2048x24)
     norm = X.float().square().sum(dim=-1, keepdim=True).sum(dim=-2, keepdim=True).sqrt().to(X.dtype)
     X = X / (norm * margin + 1e-7)
+    fused = X.is_cuda and GRAM_TRITON
     for a, b, c in newton_schulz_coefficients(coefficients, steps):
         A = gram(X)  # X X^T
-        B = gram(A, alpha=c, beta=b, C=A, shift=a)  # a*I + b*A + c*A@A (A is symmetric: A@A = A A^T)
-        X = B @ X  # a*X + b*A@X + c*A@A@X; `a` rides on B's diagonal, so no copy of X for a baddbmm
+        if fused:  # B = a*I + b*A + c*A@A in the kernel (A is symmetric: A@A = A A^T), `a` added in fp32
+            X = gram(A, alpha=c, beta=b, C=A, shift=a) @ X  # a plain bmm: no copy of X as for a baddbmm
+        else:  # a*X + B@X with B = b*A + c*A@A: `a` on a bf16 B's diagonal would lose digits, since
+            # a + b*A_ii + c*(A@A)_ii is ~1 from terms of 2 to 5 (twice the error against float64)
+            X = torch.baddbmm(X, gram(A, alpha=c, beta=b, C=A), X, beta=a)
     if tall:
         X = X.mT
     return X.reshape(G.shape)
@@ -115,7 +119,8 @@ def gram(X: Tensor, alpha: float = 1.0, beta: float = 0.0, C: Tensor | None = No
 
     The result is symmetric, so on CUDA a Triton kernel computes only the tiles on and above the
     diagonal and mirrors them: X X^T and A A^T each cost about half a matmul, which saves a third
-    of the Newton-Schulz FLOPs for square matrices. Elsewhere it is one (b)addbmm.
+    of the Newton-Schulz FLOPs for square matrices. It sums in float32 and rounds once. Elsewhere
+    it is one (b)addbmm, rounded to X's dtype before the shift is added.
     """
     if X.is_cuda and GRAM_TRITON:
         return _gram_triton(X, alpha, beta, C, shift)
