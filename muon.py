@@ -513,7 +513,7 @@ class DistMuon(torch.optim.Optimizer):
     def grad_sq_sum(self) -> Tensor:
         """Sum of squares of the averaged gradients of all Muon parameters (collective)."""
         self.reduce_grads()
-        total = torch.zeros((), device=self._pending[0][1].device if self._pending else "cpu")
+        total = torch.zeros((), device=self.param_groups[0]["params"][0].device)
         for work, mine in self._pending:
             work.wait()
             total += mine.float().square().sum()  # padding rows are zero
@@ -558,7 +558,8 @@ class DistMuon(torch.optim.Optimizer):
         """The full (gathered) state in Muon's format; collective, identical on every rank."""
         for group, bucket, per_rank, owned in self._groups():
             for key in _state_keys(group):
-                have = torch.tensor(float(all(key in self.state[bucket[i]] for i in owned)))
+                have = all(key in self.state[bucket[i]] for i in owned)
+                have = torch.tensor(float(have), device=bucket[0].device)  # NCCL takes no CPU tensors
                 dist.all_reduce(have, op=dist.ReduceOp.MIN)  # saved only once every owner has stepped
                 if have.item() == 0:
                     continue

@@ -3,12 +3,16 @@ pretraining script's tokens/s per GPU and scaling efficiency under torchrun, Dis
 GPU, and a checkpoint saved at N GPUs resumed at M != N.
 
     python bench/multi_gpu.py --data_path data/prepared/mytext        # uses every visible GPU
+    python bench/multi_gpu.py --data_path ... --parts pretrain --sets 1024x24   # one part, one model
 
-World sizes are 1, 2, 4, 8 up to the GPUs present. Writes bench/results/multi_gpu_*.{md,json}.
+World sizes are 1, 2, 4, 8 up to the GPUs present. Writes bench/results/muon_step_distN.{md,json},
+multi_gpu_pretrain_SET.{md,json} and multi_gpu_correctness.{md,json}.
 """
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,11 +22,17 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.muon_step import write_table  # noqa: E402
+from bench.throughput import steady_state  # noqa: E402
 
-MODELS = {"768x12": ["--hidden_size", "768", "--num_hidden_layers", "12", "--num_attention_heads", "12",
-                     "--num_key_value_heads", "12"],
-          "1024x24": ["--hidden_size", "1024", "--num_hidden_layers", "24", "--num_attention_heads", "16",
-                      "--num_key_value_heads", "16"]}
+HEAD_DIM = 64  # GPT-2's: 768 -> 12 heads, 1024 -> 16
+
+
+def model_flags(spec):
+    """'768x12' -> the pretraining script's model flags (full attention: kv heads = heads)."""
+    width, layers = map(int, spec.split("x"))
+    heads = str(width // HEAD_DIM)
+    return ["--hidden_size", str(width), "--num_hidden_layers", str(layers), "--num_attention_heads", heads,
+            "--num_key_value_heads", heads]
 
 
 def torchrun(n, *args, out=None):
@@ -35,10 +45,30 @@ def torchrun(n, *args, out=None):
     return r.stdout
 
 
-def last_train_row(out_dir):
+def interrupt_after(n, step, *args):
+    """Start a torchrun job, send Ctrl-C to all its processes once it has logged `step`, and return the
+    step its checkpoint was saved at. torchrun itself exits non-zero on the signal; the workers save."""
+    out = args[args.index("--out_dir") + 1]
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *args]
+    print("$", " ".join(cmd), f"  # Ctrl-C after step {step}", flush=True)
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = os.path.join(out, "pretrain_metrics.jsonl")
+    while proc.poll() is None and not (os.path.exists(log) and any(r.get("step", 0) >= step for r in metrics(out))):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    text, _ = proc.communicate()
+    saved = torch.load(os.path.join(out, "pretrain.pt"), map_location="cpu", weights_only=True)["step"]
+    if not step <= saved < int(args[args.index("--max_steps") + 1]):
+        sys.exit(f"the interrupted run did not save mid-way (step {saved}):\n{text[-3000:]}")
+    return saved
+
+
+def metrics(out_dir):
     with open(os.path.join(out_dir, "pretrain_metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [r for r in rows if "tok_per_s" in r][-1], rows
+        return [json.loads(line) for line in f if line.endswith("\n")]  # a line being written is left out
 
 
 def main():
@@ -46,55 +76,67 @@ def main():
     ap.add_argument("--data_path", required=True, help="a prepared pretraining directory")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--seq_len", type=int, default=1024)
-    ap.add_argument("--batch_size", type=int, default=16, help="per GPU")
+    ap.add_argument("--batch_size", type=int, default=32, help="per GPU")
+    ap.add_argument("--parts", default="step,pretrain,check", help="which of step, pretrain, check to run")
+    ap.add_argument("--sets", default="768x12,1024x24", help="models (hidden x layers) for the pretrain part")
+    ap.add_argument("--check_set", default="768x12", help="model for the resume check")
+    ap.add_argument("--max_world", type=int, default=torch.cuda.device_count() or 2,
+                    help="largest world size (default: the GPUs present; 2 gloo processes on CPU)")
     ap.add_argument("--work_dir", default=os.path.join(ROOT, "out", "multi_gpu"))
     ap.add_argument("--out_dir", default=os.path.join(ROOT, "bench", "results"))
     args = ap.parse_args()
-    n_gpus = torch.cuda.device_count()
-    worlds = [w for w in (1, 2, 4, 8) if w <= n_gpus]
-    meta = {"device": f"{n_gpus} x {torch.cuda.get_device_name()}", "torch": torch.__version__,
+    worlds = [w for w in (1, 2, 4, 8) if w <= args.max_world]
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU processes (gloo)"
+    meta = {"device": f"{args.max_world} x {name}", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv)}
 
+    parts = args.parts.split(",")
+
     # 1. DistMuon step time and state memory per rank (bench/muon_step.py --dist)
-    for w in worlds:
+    for w in worlds if "step" in parts else []:
         torchrun(w, "bench/muon_step.py", "--dist", "--out_dir", args.out_dir)
 
     # 2. pretraining throughput per GPU and scaling efficiency vs 1 GPU (weak scaling: batch per GPU fixed)
-    rows = []
-    for name, flags in MODELS.items():
-        base = None
+    for name in args.sets.split(",") if "pretrain" in parts else []:
+        flags, rows, base = model_flags(name), [], None
         for w in worlds:
             out = os.path.join(args.work_dir, f"{name}_w{w}")
             torchrun(w, "train_pretrain_muon.py", "--data_path", args.data_path, *flags, "--max_seq_len",
                      str(args.seq_len), "--batch_size", str(args.batch_size), "--max_steps", str(args.steps),
                      "--log_interval", "10", "--eval_interval", "100000", "--eval_iters", "2",
                      "--sample_prompt", "", "--out_dir", out)
-            row, _ = last_train_row(out)
+            row = steady_state(metrics(out), skip=2)  # medians after the step-0 eval, compile and warmup
             per_gpu = row["tok_per_s"] / w
             base = base or per_gpu
-            rows.append({"model": name, "gpus": w, "tok_per_s": round(row["tok_per_s"]),
-                         "tok_per_s_per_gpu": round(per_gpu), "scaling_efficiency": round(per_gpu / base, 3),
-                         "mfu": round(row["mfu"], 3) if row["mfu"] else None,
-                         "muon_ms": round(row["muon_ms"], 1) if row["muon_ms"] else None,
-                         "step_ms": round(row["step_ms"], 1), "mem_gb": round(row["mem_gb"], 1)})
-    write_table(args.out_dir, "multi_gpu_pretrain", meta, rows)
+            rows.append({"model": name, "gpus": w, "tok_per_s_per_gpu": round(per_gpu),
+                         "scaling_efficiency": round(per_gpu / base, 3), **row})
+            write_table(args.out_dir, f"multi_gpu_pretrain_{name}",  # after each run: a cut-off call keeps it
+                        dict(meta, batch=f"{args.batch_size} x {args.seq_len} tokens per GPU"), rows)
+    if "check" not in parts:
+        return
 
-    # 3. correctness: DistMuon on N GPUs == Muon on 1 GPU, and resume at M != N GPUs
+    # 3. correctness: DistMuon on N GPUs == Muon on 1 GPU, and a run interrupted on N GPUs (Ctrl-C, as a
+    #    user would) and resumed on M != N continues the uninterrupted N-GPU run's curve; the M-GPU run
+    #    accumulates N/M micro-steps so the global batch stays the same
     n = worlds[-1]
-    check = torchrun(n, "bench/dist_check.py")
-    out = os.path.join(args.work_dir, "resume")
-    common = ["--data_path", args.data_path, *MODELS["768x12"], "--max_seq_len", "512", "--batch_size", "8",
-              "--log_interval", "10", "--eval_interval", "20", "--eval_iters", "2", "--sample_prompt", "",
-              "--out_dir", out]
-    torchrun(n, "train_pretrain_muon.py", *common, "--max_steps", "40")
     m = max(1, n // 2)
-    torchrun(m, "train_pretrain_muon.py", *common, "--max_steps", "80", "--resume")
-    _, resumed = last_train_row(out)
-    vals = [(r["step"], round(r["val_loss"], 4)) for r in resumed if "val_loss" in r]
+    check = torchrun(n, "bench/dist_check.py")
+    flags = ["--data_path", args.data_path, *model_flags(args.check_set), "--max_seq_len", "512", "--batch_size", "8",
+             "--log_interval", "10", "--eval_interval", "20", "--eval_iters", "4", "--sample_prompt", "",
+             "--max_steps", "100"]
+
+    def val_losses(out):
+        return {r["step"]: round(r["val_loss"], 4) for r in metrics(out) if "val_loss" in r}
+    straight, broken = os.path.join(args.work_dir, "straight"), os.path.join(args.work_dir, "broken")
+    shutil.rmtree(straight, ignore_errors=True)
+    torchrun(n, "train_pretrain_muon.py", *flags, "--out_dir", straight)
+    stopped = interrupt_after(n, 40, "train_pretrain_muon.py", *flags, "--out_dir", broken)
+    torchrun(m, "train_pretrain_muon.py", *flags, "--out_dir", broken, "--resume", "--accumulation_steps", str(n // m))
     write_table(args.out_dir, "multi_gpu_correctness", meta, [
         {"check": f"DistMuon on {n} GPUs vs Muon on 1", "result": check.strip().splitlines()[-1]},
-        {"check": f"saved at {n} GPUs, resumed at {m}", "result": f"val loss by step {vals}"}])
-
+        {"check": f"uninterrupted on {n} GPUs: val loss by step", "result": str(val_losses(straight))},
+        {"check": f"interrupted at step {stopped} on {n} GPUs, resumed on {m}: val loss by step",
+         "result": str(val_losses(broken))}])
 
 if __name__ == "__main__":
     main()
