@@ -390,17 +390,15 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
                  adjust_lr="original", ns_coefficients="quintic", normuon=False, beta2=0.95, cautious_wd=False,
-                 compile=None, cuda_graph=None):
+                 compile=None):
         super().__init__(params, _defaults(
             lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
             adjust_lr=adjust_lr, ns_coefficients=ns_coefficients, normuon=normuon, beta2=beta2,
             cautious_wd=cautious_wd))
         _check_params(self.param_groups)
         self.compile = compile
-        self.cuda_graph = cuda_graph  # None: on when the step is compiled on CUDA; see graphed_step
         self._stacks = {}  # see stacked_params and stacked_state
         self._hp = {}  # see hyperparameters
-        self._graph = None  # see graphed_step
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: float | Tensor = 1.0):
@@ -410,79 +408,18 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        stacks = []  # (group, bucket, weights, momentum, second moment or None)
         for group in self.param_groups:
+            hp = hyperparameters(group, grad_scale, self._hp)
             params = [p for p in group["params"] if p.grad is not None]
             for bucket in _same_shape_buckets(params):
                 bufs = stacked_state(self.state, self._stacks, bucket, "momentum_buffer")
                 second = stacked_state(self.state, self._stacks, bucket, "second_moment") if group["normuon"] else None
-                stacks.append((group, bucket, stacked_params(self._stacks, bucket), bufs, second))
-        if not stacks:
-            return loss
-        cuda = stacks[0][1][0].is_cuda
-        compiled = cuda if self.compile is None else self.compile
-        step = maybe_compiled(muon_step, compiled)
-        if self.cuda_graph if self.cuda_graph is not None else cuda and compiled:
-            self.graphed_step(stacks, step, grad_scale)
-            return loss
-        hps = {id(g): hyperparameters(g, grad_scale, self._hp) for g in self.param_groups}
-        for group, bucket, weights, bufs, second in stacks:
-            grads = torch.stack([matrix_view(p.grad) for p in bucket])  # one copy kernel, outside the graph
-            step(weights, grads, bufs, second, hps[id(group)], *static_args(group, bucket[0]))
+                weights = stacked_params(self._stacks, bucket)
+                grads = torch.stack([matrix_view(p.grad) for p in bucket])  # one copy kernel, outside the graph
+                step = maybe_compiled(muon_step, bucket[0].is_cuda if self.compile is None else self.compile)
+                step(weights, grads, bufs, second, hp, group["nesterov"], group["ns_steps"], group["ns_coefficients"],
+                     update_scale(matrix_view(bucket[0]).shape, group["adjust_lr"]), group["cautious_wd"])
         return loss
-
-    def graphed_step(self, stacks, step, grad_scale):
-        """The same step, replayed as one CUDA graph: at GPT-2-small's sizes the host needs ~3 ms
-        to launch the ~60 kernels of a step, about as long as the GPU needs to run them.
-
-        A graph replays fixed addresses. The weights and buffers already live in fixed stacks;
-        the gradients are copied into fixed stacks and the hyperparameters into a fixed GPU
-        tensor before each replay. The first step with a new set of stacks runs (and compiles)
-        normally, the next one captures the graph. Costs: the gradient stacks and the
-        Newton-Schulz temporaries stay allocated between steps. cuda_graph=False turns it off.
-        """
-        key = [(id(grp), static_args(grp, b[0]), w.shape, *(t.data_ptr() for t in (w, m, v) if t is not None))
-               for grp, b, w, m, v in stacks]
-        g = self._graph
-        if g is None or g["key"] != key:  # new or restacked parameters or state, or changed options
-            g = self._graph = {"key": key, "graph": None,
-                               "grads": [w.new_empty(w.shape) for _, _, w, _, _ in stacks],
-                               "hp": {id(grp): torch.zeros(5, device=stacks[0][2].device) for grp in self.param_groups}}
-        is_gpu = isinstance(grad_scale, Tensor) and grad_scale.is_cuda  # the training scripts' clip factor
-        scale = grad_scale if is_gpu else float(grad_scale)
-        for grp in self.param_groups:
-            hp = g["hp"][id(grp)]  # lr, momentum, weight_decay, beta2, grad_scale
-            values = [grp["lr"], grp["momentum"], grp["weight_decay"], grp["beta2"], 1.0 if is_gpu else scale]
-            hp.copy_(torch.tensor(values), non_blocking=True)  # from pageable memory: staged at once, no sync
-            if is_gpu:
-                hp[4].copy_(scale)
-        for (_, bucket, _, _, _), grads in zip(stacks, g["grads"]):
-            torch.stack([matrix_view(p.grad) for p in bucket], out=grads)
-
-        def run():
-            for (group, bucket, weights, bufs, second), grads in zip(stacks, g["grads"]):
-                hp = dict(zip(("lr", "momentum", "weight_decay", "beta2", "grad_scale"), g["hp"][id(group)]))
-                step(weights, grads, bufs, second, hp, *static_args(group, bucket[0]))
-        if g["graph"] is None:
-            if not g.get("warm"):  # compile outside the capture
-                g["warm"] = True
-                return run()
-            g["graph"] = capture_graph(run)
-        g["graph"]()
-
-
-def capture_graph(fn):
-    """Record the kernels fn launches (without running them) as a CUDA graph; returns its replay."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def static_args(group: dict, p: Tensor) -> tuple:
-    """muon_step's arguments that are part of the compiled graph (change them and it recompiles)."""
-    return (group["nesterov"], group["ns_steps"], group["ns_coefficients"],
-            update_scale(matrix_view(p).shape, group["adjust_lr"]), group["cautious_wd"])
 
 
 class DistMuon(torch.optim.Optimizer):

@@ -90,35 +90,12 @@ def make_params(shapes, device):
     return params
 
 
-def graph_matches_plain(shapes, device, steps=6):
-    """The CUDA-graph step against the same step launched kernel by kernel, from the same start,
-    with a changing LR and momentum and a GPU grad_scale (as the training scripts pass): the
-    largest weight difference after `steps` steps over the largest change of a weight."""
-    start = make_params(shapes, device)
-    runs = []
-    for graph in (True, False):
-        params = [torch.nn.Parameter(p.detach().clone()) for p in start]
-        opt = Muon(params, lr=0.02, momentum=0.95, cuda_graph=graph, **ALL_OPTIONS)
-        for step in range(steps):
-            g = torch.Generator(device=device).manual_seed(step)
-            for p in params:
-                p.grad = torch.randn(p.shape, device=device, generator=g)
-            opt.param_groups[0]["lr"] = 0.02 * (1 - step / steps)
-            opt.param_groups[0]["momentum"] = 0.85 + 0.02 * step
-            opt.step(grad_scale=torch.tensor(1.0 / (1 + step % 3), device=device))
-        runs.append(params)
-    diff = max((a - b).abs().max().item() for a, b in zip(*runs))
-    moved = max((b - p0).abs().max().item() for b, p0 in zip(runs[1], start))
-    return diff / moved
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="768x12,1024x24,2048x24", help="width x layers, comma separated")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--dist", action="store_true", help="time DistMuon under torchrun")
-    ap.add_argument("--cublas", action="store_true", help="also time the step with cuBLAS for the Gram products")
     ap.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
 
@@ -159,15 +136,7 @@ def main():
             row["ours_ms"] = round(time_ms(ours.step, device, args.warmup, args.repeat), 2)
             row["ours_back_to_back_ms"] = round(time_back_to_back_ms(ours.step, device, args.warmup, args.repeat), 2)
             del ours, params
-            if device.type == "cuda":  # the same step without the CUDA graph: every kernel launched from Python
-                row["graph_vs_plain_diff"] = float(f"{graph_matches_plain(shapes, device):.1e}")
-                params = make_params(shapes, device)
-                ours = Muon(params, lr=0.02, momentum=0.95, cuda_graph=False)
-                row["no_graph_ms"] = round(time_ms(ours.step, device, args.warmup, args.repeat), 2)
-                row["no_graph_back_to_back_ms"] = round(
-                    time_back_to_back_ms(ours.step, device, args.warmup, args.repeat), 2)
-                del ours, params
-            if device.type == "cuda" and muon.GRAM_TRITON and args.cublas:  # cuBLAS for X X^T and A A^T
+            if device.type == "cuda" and muon.GRAM_TRITON:  # the same step with cuBLAS for X X^T and A A^T
                 muon.GRAM_TRITON = False
                 torch._dynamo.reset()
                 params = make_params(shapes, device)
