@@ -22,23 +22,18 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.muon_step import write_table  # noqa: E402
-from bench.throughput import steady_state  # noqa: E402
-
-HEAD_DIM = 64  # GPT-2's: 768 -> 12 heads, 1024 -> 16
+from bench.throughput import model_flags, steady_state  # noqa: E402
 
 
-def model_flags(spec):
-    """'768x12' -> the pretraining script's model flags (full attention: kv heads = heads)."""
-    width, layers = map(int, spec.split("x"))
-    heads = str(width // HEAD_DIM)
-    return ["--hidden_size", str(width), "--num_hidden_layers", str(layers), "--num_attention_heads", heads,
-            "--num_key_value_heads", heads]
-
-
-def torchrun(n, *args, out=None):
+def torchrun_cmd(n, *args):
+    """The command and environment of a one-node torchrun job of n processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *args]
+    return cmd, dict(os.environ, NCCL_NVLS_ENABLE="0")  # NVLink multicast off, as the device docs ask
+
+
+def torchrun(n, *args):
+    cmd, env = torchrun_cmd(n, *args)
     print("$", " ".join(cmd), flush=True)
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0")  # NVLink multicast off, as the device docs ask
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -50,9 +45,8 @@ def interrupt_after(n, step, *args):
     step its checkpoint was saved at. torchrun itself exits non-zero on the signal; the workers save."""
     out = args[args.index("--out_dir") + 1]
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *args]
+    cmd, env = torchrun_cmd(n, *args)
     print("$", " ".join(cmd), f"  # Ctrl-C after step {step}", flush=True)
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     log = os.path.join(out, "pretrain_metrics.jsonl")
@@ -121,9 +115,9 @@ def main():
     n = worlds[-1]
     m = max(1, n // 2)
     check = torchrun(n, "bench/dist_check.py")
-    flags = ["--data_path", args.data_path, *model_flags(args.check_set), "--max_seq_len", "512", "--batch_size", "8",
-             "--log_interval", "10", "--eval_interval", "20", "--eval_iters", "4", "--sample_prompt", "",
-             "--max_steps", "100"]
+    flags = ["--data_path", args.data_path, *model_flags(args.check_set), "--max_seq_len", "512",
+             "--batch_size", "8", "--log_interval", "10", "--eval_interval", "20", "--eval_iters", "4",
+             "--sample_prompt", "", "--max_steps", "100"]
 
     def val_losses(out):
         return {r["step"]: round(r["val_loss"], 4) for r in metrics(out) if "val_loss" in r}
@@ -131,12 +125,14 @@ def main():
     shutil.rmtree(straight, ignore_errors=True)
     torchrun(n, "train_pretrain_muon.py", *flags, "--out_dir", straight)
     stopped = interrupt_after(n, 40, "train_pretrain_muon.py", *flags, "--out_dir", broken)
-    torchrun(m, "train_pretrain_muon.py", *flags, "--out_dir", broken, "--resume", "--accumulation_steps", str(n // m))
+    torchrun(m, "train_pretrain_muon.py", *flags, "--out_dir", broken, "--resume",
+             "--accumulation_steps", str(n // m))
     write_table(args.out_dir, "multi_gpu_correctness", meta, [
         {"check": f"DistMuon on {n} GPUs vs Muon on 1", "result": check.strip().splitlines()[-1]},
         {"check": f"uninterrupted on {n} GPUs: val loss by step", "result": str(val_losses(straight))},
         {"check": f"interrupted at step {stopped} on {n} GPUs, resumed on {m}: val loss by step",
          "result": str(val_losses(broken))}])
+
 
 if __name__ == "__main__":
     main()

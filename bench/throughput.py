@@ -29,6 +29,14 @@ COLUMNS = ["set", "optimizer", "status", "params_M", "tok_per_s", "mfu_pct", "st
            "peak_mem_GB", "steady_steps", "matrix_params_M", "matrix_state_MB", "opt_state_MB"]
 
 
+def model_flags(spec):
+    """'768x12' -> the pretraining script's model flags (full attention: kv heads = heads)."""
+    hidden, layers = map(int, spec.split("x"))
+    heads = str(max(1, hidden // HEAD_DIM))
+    return ["--hidden_size", str(hidden), "--num_hidden_layers", str(layers),
+            "--num_attention_heads", heads, "--num_key_value_heads", heads]
+
+
 def run_pretrain(run_dir, flags):
     """One training run in a fresh directory; returns its status: ok, OOM, or failed (...)."""
     shutil.rmtree(run_dir, ignore_errors=True)  # never read a previous run's metrics or checkpoint
@@ -123,10 +131,7 @@ def main():
 
     rows = []
     for spec in args.sets.split(","):
-        hidden, layers = map(int, spec.split("x"))
-        heads = str(max(1, hidden // HEAD_DIM))
-        shape = ["--hidden_size", str(hidden), "--num_hidden_layers", str(layers),
-                 "--num_attention_heads", heads, "--num_key_value_heads", heads]
+        shape = model_flags(spec)
         for opt in args.optimizers.split(","):
             run_dir = os.path.join(os.path.abspath(args.work_dir), f"{spec}_{opt}")  # the runs start in ROOT
             t0 = time.time()
