@@ -116,6 +116,18 @@ def test_newton_schulz_orthogonalises_each_matrix_of_a_stack_separately():
     assert stacked.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("coefficients", ["quintic", "polar_express"])
+def test_newton_schulz_does_not_depend_on_the_scale_of_its_input(coefficients):
+    # The Frobenius normalisation is folded into the first iteration's coefficients (a/n, b/n^3,
+    # c/n^5, with n^2 the trace of X X^T); a wrong power of n would make the output depend on the
+    # scale. Norms here run from ~1e-5 to ~1e8 (the fp32 range of the fold is ~[1e-7, 1e9]).
+    G = spectral_input((2, 48, 80), lo=0.1, seed=2)
+    ref = zeropower_via_newtonschulz5(G, 5, coefficients).float()
+    for scale in (1e-5, 1e-2, 1e3, 1e7):
+        O = zeropower_via_newtonschulz5(G * scale, 5, coefficients).float()
+        assert (O - ref).norm() <= 0.05 * ref.norm(), (scale, ((O - ref).norm() / ref.norm()).item())
+
+
 def test_newton_schulz_rejects_vectors():
     with pytest.raises(ValueError, match="matrix"):
         zeropower_via_newtonschulz5(torch.randn(8), 5)
@@ -544,6 +556,10 @@ for n, m, k in [(2, 64, 48), (3, 40, 70), (1, 33, 16)]:  # whole tiles, ragged t
     B = muon._gram_triton(A, 0.5, -2.0, A, 3.0, cfg)
     ref = 3.0 * torch.eye(m) - 2.0 * A + 0.5 * A @ A.mT
     assert torch.allclose(B, ref, rtol=1e-4, atol=1e-3), (n, m, k, (B - ref).abs().max())
+    coef = torch.randn(3, n)  # alpha, beta, shift: one of each per matrix
+    Bn = muon._gram_triton(A, coef[0], coef[1], A, coef[2], cfg)
+    ref = coef[2, :, None, None] * torch.eye(m) + coef[1, :, None, None] * A + coef[0, :, None, None] * A @ A.mT
+    assert torch.allclose(Bn, ref, rtol=1e-4, atol=1e-3), (n, m, k, (Bn - ref).abs().max())
     tile = torch.arange(m) // cfg["BLOCK_M"]
     mirrored = tile[:, None] != tile[None, :]  # written by the transposed store of the tile across the diagonal
     assert torch.equal(B[:, mirrored], B.mT[:, mirrored])
@@ -568,3 +584,7 @@ def test_gram_matches_its_formula_on_cpu():
     torch.testing.assert_close(A, X @ X.mT)
     torch.testing.assert_close(muon.gram(A, alpha=0.5, beta=-2.0, C=A, shift=3.0),
                                3.0 * torch.eye(5) - 2.0 * A + 0.5 * A @ A)
+    alpha, beta, shift = torch.randn(3), torch.randn(3), torch.randn(3)  # one value per matrix
+    torch.testing.assert_close(muon.gram(A, alpha=alpha, beta=beta, C=A, shift=shift),
+                               shift.view(3, 1, 1) * torch.eye(5) + beta.view(3, 1, 1) * A
+                               + alpha.view(3, 1, 1) * A @ A)
