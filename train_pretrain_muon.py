@@ -147,7 +147,9 @@ def main():
     if ckpt is not None or init is not None:
         raw_model.load_state_dict((ckpt or init)["model"])
     del init
-    model = torch.compile(raw_model) if use_compile else raw_model
+    # static shapes: the step-0 eval can use a smaller batch than training (a small val set), and
+    # dynamo's automatic dynamic shapes then compiled the training graph with a symbolic batch size
+    model = torch.compile(raw_model, dynamic=False) if use_compile else raw_model
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {config}")
 
     # ---------------------------------------------------------------- optimizers

@@ -2,11 +2,13 @@
 exactly, survives a crash mid-save, and stops clearly on bad input."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +72,35 @@ def test_default_flags_run_end_to_end_and_write_checkpoint_and_metrics(data_dir,
     assert all(k in rows[6] for k in ("loss", "lr_muon", "lr_adamw", "grad_norm", "tok_per_s", "mem_gb"))
     assert "sample: " in r.stdout
     assert "Muon" in r.stdout and "AdamW" in r.stdout  # the split summary is printed
+
+
+COMPILE_PROBE = """
+import functools, runpy, sys, torch
+symbolic = []  # per graph dynamo compiles: how many of its inputs are symbolic sizes
+def backend(gm, example_inputs):
+    symbolic.append(sum(not isinstance(i, torch.Tensor) for i in example_inputs))
+    return gm.forward
+torch.compile = functools.partial(torch.compile, backend=backend)  # the script's own flags, a cheap backend
+sys.argv = ["train_pretrain_muon.py"] + sys.argv[1:]
+runpy.run_path("train_pretrain_muon.py", run_name="__main__")
+print("SYMBOLIC", symbolic)
+"""
+
+
+def test_training_graph_keeps_static_shapes_after_an_eval_with_a_smaller_batch(data_dir, tmp_path):
+    # A val set of 3 windows makes the step-0 eval batch 3 while training uses 8. With dynamo's
+    # default automatic dynamic shapes, that second batch size compiled the training graph with a
+    # symbolic batch size, slower on GPU than the graph for the fixed size pretraining always has.
+    small = tmp_path / "data"
+    shutil.copytree(data_dir, small)
+    val = np.fromfile(small / "val.bin", dtype=np.uint16)[:3 * 64 + 1]
+    val.tofile(small / "val.bin")
+    cmd = [sys.executable, "-c", COMPILE_PROBE, "--data_path", str(small), "--out_dir", str(tmp_path / "out"),
+           *TINY, "--max_steps", "2", "--eval_interval", "2", "--compile"]
+    r = run_finished_script(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    symbolic = json.loads(r.stdout.split("SYMBOLIC")[-1].strip())
+    assert len(symbolic) >= 2 and not any(symbolic), symbolic  # eval graph, training graph: sizes fixed
 
 
 def test_loss_falls_on_the_embedded_data(data_dir, tmp_path):
