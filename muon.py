@@ -87,9 +87,9 @@ def newton_schulz_coefficients(name: str, steps: int) -> tuple:
 def newton_schulz(G: Tensor, steps: int, coefficients: str = "quintic") -> Tensor:
     """`steps` Newton-Schulz iterations on the last two dims of G, in bf16.
 
-    Dividing by the Frobenius norm first puts every singular value in (0, 1], where the
+    Normalising by the Frobenius norm puts every singular value in (0, 1], where the
     polynomials are fitted (Polar Express adds a 2% margin: bf16 rounding can push the top one
-    a little past 1). The result's singular values are ~1, which trains as well as the exact
+    a little past 1); the division is folded into the first iteration's coefficients. The result's singular values are ~1, which trains as well as the exact
     polar factor U V^T and costs a handful of matmuls.
     """
     X = G.bfloat16().reshape(-1, *G.shape[-2:])  # one batch dim for bmm
