@@ -89,8 +89,9 @@ def newton_schulz(G: Tensor, steps: int, coefficients: str = "quintic") -> Tenso
 
     Normalising by the Frobenius norm puts every singular value in (0, 1], where the
     polynomials are fitted (Polar Express adds a 2% margin: bf16 rounding can push the top one
-    a little past 1); the division is folded into the first iteration's coefficients. The result's singular values are ~1, which trains as well as the exact
-    polar factor U V^T and costs a handful of matmuls.
+    a little past 1); the division is folded into the first iteration's coefficients. The
+    result's singular values are ~1, which trains as well as the exact polar factor U V^T and
+    costs a handful of matmuls.
     """
     X = G.bfloat16().reshape(-1, *G.shape[-2:])  # one batch dim for bmm
     tall = G.size(-2) > G.size(-1)
@@ -131,7 +132,9 @@ def gram(X: Tensor, alpha=1.0, beta=0.0, C: Tensor | None = None, shift=0.0) -> 
     out = alpha * (X @ X.mT).float()
     if C is not None:
         out = out + beta * C.float()
-    return (out + shift * torch.eye(X.size(-2), device=X.device)).to(X.dtype)
+    if isinstance(shift, Tensor) or shift:  # plain X X^T (half the calls) needs no identity
+        out = out + shift * torch.eye(X.size(-2), device=X.device)
+    return out.to(X.dtype)
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, coefficients: str = "quintic") -> Tensor:
@@ -140,7 +143,6 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, coefficients: str = "
         raise ValueError(f"Newton-Schulz needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
     newton_schulz_coefficients(coefficients, steps)  # validates
     return maybe_compiled(newton_schulz, G.is_cuda)(G, steps, coefficients)
-
 
 
 def normuon_normalise(O: Tensor, second_moment: Tensor, beta2: Tensor) -> Tensor:
