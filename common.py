@@ -198,6 +198,17 @@ def sync_grads(params, world_size: int):
     return [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in params if p.grad is not None]
 
 
+def grad_sq_sum(params) -> torch.Tensor:
+    """Sum of squared gradient entries (accumulated in fp32) as a 0-D tensor on the parameters' device.
+
+    One multi-tensor norm per dtype. Squaring, summing and adding per tensor was ~400 small
+    kernels per step at GPT-2 small: ~1 ms of GPU time on one H200, plus the gaps between them."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device) if params else torch.zeros(())
+    return torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
+
+
 def clip_grads(muon_opt, muon_params, adamw_params, max_norm: float, world_size: int, sync: bool = True):
     """Global norm of the *averaged* gradient, and the factor that clips it to max_norm.
 
@@ -208,17 +219,9 @@ def clip_grads(muon_opt, muon_params, adamw_params, max_norm: float, world_size:
     Returns (norm, scale): floats with sync=True; with sync=False 0-D tensors, so the host never
     waits for the GPU here (a non-finite norm then shows up as a NaN loss at the next log).
     """
-    sq = torch.zeros((), device=adamw_params[0].device)
-    for p in adamw_params:
-        if p.grad is not None:
-            sq += p.grad.float().square().sum()
+    sq = grad_sq_sum(adamw_params)
     if muon_opt is not None:
-        if world_size > 1:
-            sq += muon_opt.grad_sq_sum()
-        else:
-            for p in muon_params:
-                if p.grad is not None:
-                    sq += p.grad.float().square().sum()
+        sq = sq + (muon_opt.grad_sq_sum() if world_size > 1 else grad_sq_sum(muon_params))
     norm = sq.sqrt()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)

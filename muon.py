@@ -301,7 +301,9 @@ def hyperparameters(group: dict, grad_scale, cache: dict) -> dict:
     Compiled code sees tensors, not Python floats, so new values do not recompile it; CPU
     scalars reach a CUDA kernel as launch arguments, with no host-device copy.
     """
-    hp = cache.setdefault(id(group), {k: torch.zeros(()) for k in ("lr", "momentum", "weight_decay", "beta2")})
+    hp = cache.get(id(group))
+    if hp is None:
+        hp = cache[id(group)] = {k: torch.zeros(()) for k in ("lr", "momentum", "weight_decay", "beta2")}
     for k in hp:
         hp[k].fill_(group[k])
     out = dict(hp)
@@ -426,10 +428,12 @@ class Muon(torch.optim.Optimizer):
             hp = hyperparameters(group, grad_scale, self._hp)
             params = [p for p in group["params"] if p.grad is not None]
             for bucket in _same_shape_buckets(params):
+                # one copy kernel, outside the graph, launched first: the GPU works on it while
+                # the host checks the stacks below
+                grads = torch.stack([matrix_view(p.grad) for p in bucket])
                 bufs = stacked_state(self.state, self._stacks, bucket, "momentum_buffer")
                 second = stacked_state(self.state, self._stacks, bucket, "second_moment") if group["normuon"] else None
                 weights = stacked_params(self._stacks, bucket)
-                grads = torch.stack([matrix_view(p.grad) for p in bucket])  # one copy kernel, outside the graph
                 step = maybe_compiled(muon_step, bucket[0].is_cuda if self.compile is None else self.compile)
                 step(weights, grads, bufs, second, hp, group["nesterov"], group["ns_steps"], group["ns_coefficients"],
                      update_scale(matrix_view(bucket[0]).shape, group["adjust_lr"]), group["cautious_wd"])
