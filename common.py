@@ -205,7 +205,7 @@ def grad_sq_sum(params) -> torch.Tensor:
     kernels per step at GPT-2 small: ~1 ms of GPU time on one H200, plus the gaps between them."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros((), device=params[0].device) if params else torch.zeros(())
+        return torch.zeros(())  # a 0-D CPU tensor adds to one on any device
     return torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
 
 
@@ -226,7 +226,9 @@ def clip_grads(muon_opt, muon_params, adamw_params, max_norm: float, world_size:
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
-        torch._foreach_mul_([p.grad for p in adamw_params if p.grad is not None], scale)
+        adamw_grads = [p.grad for p in adamw_params if p.grad is not None]
+        if adamw_grads:  # foreach ops refuse an empty list
+            torch._foreach_mul_(adamw_grads, scale)
     else:
         scale = torch.ones_like(norm)
     return (norm.item(), scale.item()) if sync else (norm, scale)
