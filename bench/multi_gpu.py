@@ -127,8 +127,9 @@ def main():
     stopped = interrupt_after(n, 40, "train_pretrain_muon.py", *flags, "--out_dir", broken)
     torchrun(m, "train_pretrain_muon.py", *flags, "--out_dir", broken, "--resume",
              "--accumulation_steps", str(n // m))
-    write_table(args.out_dir, "multi_gpu_correctness", meta, [
-        {"check": f"DistMuon on {n} GPUs vs Muon on 1", "result": check.strip().splitlines()[-1]},
+    check_rows = [{"check": f"DistMuon on {n} GPUs vs Muon on 1", "result": line}
+                  for line in check.splitlines() if "|DistMuon - Muon|" in line]  # defaults, every option
+    write_table(args.out_dir, "multi_gpu_correctness", meta, check_rows + [
         {"check": f"uninterrupted on {n} GPUs: val loss by step", "result": str(val_losses(straight))},
         {"check": f"interrupted at step {stopped} on {n} GPUs, resumed on {m}: val loss by step",
          "result": str(val_losses(broken))}])
