@@ -3,6 +3,7 @@ share of the step, and the optimizer state each keeps. It runs train_pretrain_mu
 users run) for a few steps per model shape and optimizer, then reads its metrics jsonl and checkpoint.
 
     python bench/throughput.py --data_path data/prepared/NAME       # 768x12 and 1024x24, batch 32, seq 1024
+    python bench/throughput.py --data_path ... --sets 768x12 --max_seq_len 2048 --batch_size 16 --accumulation_steps 16
     python bench/throughput.py --sets 64x2 --steps 4 --batch_size 2 --max_seq_len 32 --log_interval 1 --skip 1
 
 Writes bench/results/throughput.{md,json}. A run that fails (say, out of memory) is a row saying so.
@@ -111,6 +112,7 @@ def main():
     ap.add_argument("--optimizers", default="muon,adamw")
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--max_seq_len", type=int, default=1024)
+    ap.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     ap.add_argument("--log_interval", type=int, default=10, help="steps per logged interval")
     ap.add_argument("--skip", type=int, default=2, help="first logged intervals left out (step-0 eval, compile, warmup)")
@@ -121,6 +123,7 @@ def main():
     args = ap.parse_args()
 
     common = ["--batch_size", str(args.batch_size), "--max_seq_len", str(args.max_seq_len),
+              "--accumulation_steps", str(args.accumulation_steps),
               "--max_steps", str(args.steps), "--log_interval", str(args.log_interval),
               # the only evals are at step 0 (in the skipped intervals) and after the last logged
               # step, like the one checkpoint: none of them falls inside a timed interval
@@ -148,7 +151,8 @@ def main():
 
     meta = {"device": get_device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
-            "batch": f"{args.batch_size} x {args.max_seq_len} tokens, {args.steps} steps per run",
+            "batch": f"{args.batch_size} x {args.max_seq_len} tokens x {args.accumulation_steps} micro-batches "
+                     f"per optimizer step, {args.steps} steps per run",
             "steady state": f"medians over the logged intervals of {args.log_interval} steps after the first "
                             f"{args.skip} (step-0 eval, compile, warmup)",
             "mfu_pct": "of the device's dense bf16 peak (common.PEAK_FLOPS); None where unknown (CPU)",

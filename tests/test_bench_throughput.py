@@ -17,7 +17,7 @@ def test_tiny_cpu_run_tabulates_both_optimizers_and_adamw_keeps_twice_muons_matr
     data = prepare_default(str(tmp_path / "data"), vocab_size=512, n_stories=300, n_sft=20, n_dpo=10, n_eval=5,
                            quiet=True)
     cmd = [sys.executable, "bench/throughput.py", "--data_path", data, "--sets", "64x2", "--steps", "3",
-           "--batch_size", "2", "--max_seq_len", "32", "--log_interval", "1", "--skip", "1",
+           "--batch_size", "2", "--max_seq_len", "32", "--accumulation_steps", "2", "--log_interval", "1", "--skip", "1",
            "--work_dir", str(tmp_path / "work"), "--out_dir", str(tmp_path / "results")]
     r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=300)
@@ -26,6 +26,7 @@ def test_tiny_cpu_run_tabulates_both_optimizers_and_adamw_keeps_twice_muons_matr
         table = json.load(f)
     assert table["meta"]["device"] == "cpu" and "bench/throughput.py" in table["meta"]["command"]
     assert (tmp_path / "results" / "throughput.md").exists()
+    assert table["meta"]["batch"].startswith("2 x 32 tokens x 2 micro-batches")
     rows = {row["optimizer"]: row for row in table["rows"]}
     assert set(rows) == {"muon", "adamw"}
     for row in rows.values():
@@ -38,6 +39,9 @@ def test_tiny_cpu_run_tabulates_both_optimizers_and_adamw_keeps_twice_muons_matr
     # read from each run's saved optimizer state: Muon one buffer per matrix parameter, AdamW two
     assert rows["adamw"]["matrix_state_MB"] / rows["muon"]["matrix_state_MB"] == pytest.approx(2, rel=0.02)
     assert not (tmp_path / "work" / "64x2_muon" / "pretrain.pt").exists()  # checkpoints are removed
+    with open(tmp_path / "work" / "64x2_muon" / "pretrain_metrics.jsonl") as f:
+        last = [json.loads(line) for line in f if "tok_per_s" in line][-1]
+    assert last["tokens"] == 3 * 2 * 2 * 32  # steps x micro-batches x batch x seq: the flag reached the script
 
 
 def test_a_run_out_of_memory_becomes_a_row_status_not_a_crash():
