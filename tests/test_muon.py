@@ -351,6 +351,62 @@ def test_muon_restacks_weights_whose_data_was_replaced():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_muon_regroups_a_parameter_whose_dtype_changed():
+    # the same-shape grouping is reused between steps; a parameter moved to float64 must leave its
+    # float32 bucket, not be stacked with it (which would silently promote its neighbours)
+    full, _ = run_muon(STEPS)
+    params, opt = run_muon(2)
+    params[0].data = params[0].data.double()
+    for step in range(2, STEPS):
+        for p, g in zip(params, global_grads(step)):
+            p.grad = g.to(p.dtype)
+        opt.step()
+    assert params[0].dtype == torch.float64 and all(p.dtype == torch.float32 for p in params[1:])
+    for a, b in zip(full, params):
+        torch.testing.assert_close(a, b.float(), atol=1e-5, rtol=0)
+
+
+def test_muon_steps_from_state_loaded_into_the_same_optimizer():
+    # the step reuses its state stacks while the entries are the ones it made; a state dict loaded
+    # into the running optimizer, or a buffer set by hand, must be what the next step reads
+    full, _ = run_muon(STEPS, options=OPTIONS["all"])
+    params, opt = run_muon(2, options=OPTIONS["all"])
+    sd = opt.state_dict()  # its tensors are the live buffers: clone them
+    saved_state = {"state": {i: {k: t.clone() for k, t in s.items()} for i, s in sd["state"].items()},
+                   "param_groups": sd["param_groups"]}
+    saved_params = [p.detach().clone() for p in params]
+    for p in params:  # two steps that must leave no trace
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    opt.step()
+    first = params[0]
+    opt.state[first]["momentum_buffer"] = opt.state[first]["momentum_buffer"] * 0 + 7.0  # replaced by hand
+    for p, saved in zip(params, saved_params):
+        p.data.copy_(saved)
+    opt.load_state_dict(saved_state)
+    for step in range(2, STEPS):
+        for p, g in zip(params, global_grads(step)):
+            p.grad = g
+        opt.step()
+    for a, b in zip(full, params):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_muon_reads_a_momentum_buffer_set_by_hand():
+    params, opt = run_muon(1)
+    twin, twin_opt = run_muon(1)
+    buf = torch.randn(params[0].shape)
+    opt.state[params[0]]["momentum_buffer"] = buf.clone()
+    twin_opt.state[twin[0]]["momentum_buffer"].copy_(buf)  # in place: the reference
+    for ps, o in ((params, opt), (twin, twin_opt)):
+        for p, g in zip(ps, global_grads(1)):
+            p.grad = g
+        o.step()
+    for a, b in zip(params, twin):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    torch.testing.assert_close(opt.state[params[0]]["momentum_buffer"], twin_opt.state[twin[0]]["momentum_buffer"])
+
+
 def test_muon_refuses_vectors_and_points_to_adamw():
     with pytest.raises(ValueError, match="AdamW"):
         Muon([torch.nn.Parameter(torch.zeros(8))])
