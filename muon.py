@@ -395,12 +395,20 @@ def _check_params(param_groups):
                     f"(model.split_params does this).")
 
 
-def _same_shape_buckets(params):
-    """Group parameters by (shape, dtype, device) so each bucket is one batched Newton-Schulz call."""
-    buckets = {}
-    for p in params:
-        buckets.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
-    return list(buckets.values())
+def same_shape_buckets(params, cache: dict, slot) -> list:
+    """Group parameters by (shape, dtype, device) so each bucket is one batched Newton-Schulz call.
+
+    Grouping costs the host ~40 us before the step's first kernel (72 matrices, one H200 host),
+    so it is kept in cache[slot] and reused while the same parameters have the same data (new
+    data, as from .to(), may bring a new dtype).
+    """
+    key = (*map(id, params), *(p.data_ptr() for p in params))
+    if cache.get(slot, (None,))[0] != key:
+        buckets = {}
+        for p in params:
+            buckets.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+        cache[slot] = (key, list(buckets.values()))
+    return cache[slot][1]
 
 
 class Muon(torch.optim.Optimizer):
@@ -423,7 +431,7 @@ class Muon(torch.optim.Optimizer):
         self.compile = compile
         self._stacks = {}  # see stacked_params and stacked_state
         self._hp = {}  # see hyperparameters
-        self._buckets = {}  # id(group) -> (its parameters' ids and data pointers, same-shape buckets)
+        self._buckets = {}  # see same_shape_buckets
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: float | Tensor = 1.0):
@@ -436,12 +444,7 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             hp = hyperparameters(group, grad_scale, self._hp)
             params = [p for p in group["params"] if p.grad is not None]
-            # regrouping costs the host ~40 us before the first kernel: reuse the grouping while the
-            # same parameters have the same data (new data, as from .to(), may bring a new dtype)
-            key = (*map(id, params), *(p.data_ptr() for p in params))
-            if self._buckets.get(id(group), (None,))[0] != key:
-                self._buckets[id(group)] = (key, _same_shape_buckets(params))
-            for bucket in self._buckets[id(group)][1]:
+            for bucket in same_shape_buckets(params, self._buckets, id(group)):
                 # one copy kernel, outside the graph, launched first: the GPU works on it while
                 # the host checks the stacks below
                 grads = torch.stack([matrix_view(p.grad) for p in bucket])
@@ -496,13 +499,14 @@ class DistMuon(torch.optim.Optimizer):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self._stacks = {}  # see stacked_params and stacked_state
         self._hp = {}  # see hyperparameters
+        self._buckets = {}  # see same_shape_buckets
         self._pending = None  # phase-1 work in flight: [(work, averaged grad slice)]
 
     def _groups(self):
         """(param group, same-shape bucket, slice size, owned indices) in an order all ranks share."""
         out = []
         for group in self.param_groups:
-            for bucket in _same_shape_buckets(group["params"]):
+            for bucket in same_shape_buckets(group["params"], self._buckets, id(group)):
                 per_rank = math.ceil(len(bucket) / self.world_size)
                 start = self.rank * per_rank
                 out.append((group, bucket, per_rank, range(start, min(start + per_rank, len(bucket)))))
