@@ -62,6 +62,14 @@ def run_muon(steps, start=0, params=None, state=None, options=None):
     return params, opt
 
 
+def step_on(opt, params, steps):
+    """More steps of a running optimizer on the global gradients (in each parameter's dtype)."""
+    for step in steps:
+        for p, g in zip(params, global_grads(step)):
+            p.grad = g.to(p.dtype)
+        opt.step()
+
+
 def spectral_input(shape, lo, seed):
     """A matrix (stack) with singular values uniform in [lo, 1]: known spectrum, random singular vectors."""
     g = torch.Generator().manual_seed(seed)
@@ -343,10 +351,7 @@ def test_muon_restacks_weights_whose_data_was_replaced():
     params, opt = run_muon(2)
     for p in params[::2]:
         p.data = p.data.clone()
-    for step in range(2, STEPS):
-        for p, g in zip(params, global_grads(step)):
-            p.grad = g
-        opt.step()
+    step_on(opt, params, range(2, STEPS))
     for a, b in zip(full, params):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
@@ -357,10 +362,7 @@ def test_muon_regroups_a_parameter_whose_dtype_changed():
     full, _ = run_muon(STEPS)
     params, opt = run_muon(2)
     params[0].data = params[0].data.double()
-    for step in range(2, STEPS):
-        for p, g in zip(params, global_grads(step)):
-            p.grad = g.to(p.dtype)
-        opt.step()
+    step_on(opt, params, range(2, STEPS))
     assert params[0].dtype == torch.float64 and all(p.dtype == torch.float32 for p in params[1:])
     for a, b in zip(full, params):
         torch.testing.assert_close(a, b.float(), atol=1e-5, rtol=0)
@@ -384,10 +386,7 @@ def test_muon_steps_from_state_loaded_into_the_same_optimizer():
     for p, saved in zip(params, saved_params):
         p.data.copy_(saved)
     opt.load_state_dict(saved_state)
-    for step in range(2, STEPS):
-        for p, g in zip(params, global_grads(step)):
-            p.grad = g
-        opt.step()
+    step_on(opt, params, range(2, STEPS))
     for a, b in zip(full, params):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
