@@ -309,8 +309,10 @@ def hyperparameters(group: dict, grad_scale, cache: dict) -> dict:
         if isinstance(value, Tensor):
             out[k] = value
             continue
-        if last.get(k) != value:
-            tensors.setdefault(k, torch.zeros(())).fill_(value)
+        if last.get(k) != value:  # a schedule changes lr every step: no new tensor for it
+            if k not in tensors:
+                tensors[k] = torch.zeros(())
+            tensors[k].fill_(value)
             last[k] = value
         out[k] = tensors[k]
     return out
