@@ -13,6 +13,7 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import muon  # noqa: E402
+import muon_fast  # noqa: E402
 from bench.muon_step import get_device_name, write_table  # noqa: E402
 
 CONFIGS = {
@@ -22,7 +23,7 @@ CONFIGS = {
 }
 
 
-DEFAULT = next(name for name, cfg in CONFIGS.items() if cfg == muon.GRAM_CONFIG)
+DEFAULT = next(name for name, cfg in CONFIGS.items() if cfg == muon_fast.GRAM_CONFIG)
 
 
 def stacks(width, layers):
@@ -40,12 +41,12 @@ def ms(fn):
 
 def newton_schulz_time(shapes, use_triton):
     """A whole compiled 5-step Newton-Schulz over every stack of one set."""
-    muon.GRAM_TRITON = use_triton
+    muon_fast.ENABLED = use_triton
     torch._dynamo.reset()
     xs = [torch.randn(s, device="cuda", dtype=torch.bfloat16) for s in shapes]
-    fn = torch.compile(muon.newton_schulz, dynamic=False)
+    fn = torch.compile(muon.zeropower_via_newtonschulz5, dynamic=False)
     t = ms(lambda: [fn(x, 5) for x in xs])
-    muon.GRAM_TRITON = True
+    muon_fast.ENABLED = True
     return t
 
 
@@ -68,11 +69,11 @@ def main():
                    "cuBLAS X X^T / bA+cA A^T ms": f"{ms(lambda: X @ X.mT):.3f} / "
                                                  f"{ms(lambda: torch.baddbmm(A, A, A, beta=-4.775, alpha=2.0315)):.3f}"}
             for name, cfg in CONFIGS.items():
-                err = max(rel_err(muon._gram_triton(X, 1.0, 0.0, None, 0.0, cfg), ref),
-                          rel_err(muon._gram_triton(A, 2.0315, -4.775, A, 3.4445, cfg), refB))
+                err = max(rel_err(muon_fast.gram(X, config=cfg), ref),
+                          rel_err(muon_fast.gram(A, 2.0315, -4.775, A, 3.4445, cfg), refB))
                 row[f"Triton {name} ms (rel err)"] = (
-                    f"{ms(lambda: muon._gram_triton(X, 1.0, 0.0, None, 0.0, cfg)):.3f} / "
-                    f"{ms(lambda: muon._gram_triton(A, 2.0315, -4.775, A, 3.4445, cfg)):.3f} ({err:.0e})")
+                    f"{ms(lambda: muon_fast.gram(X, config=cfg)):.3f} / "
+                    f"{ms(lambda: muon_fast.gram(A, 2.0315, -4.775, A, 3.4445, cfg)):.3f} ({err:.0e})")
             rows.append(row)
             print(row, flush=True)
         rows.append({"set": spec, "stack": "5-step Newton-Schulz, all stacks (compiled)",

@@ -1,0 +1,84 @@
+"""The fast path of Newton-Schulz on CUDA: the same polynomial as muon.zeropower_via_newtonschulz5,
+with the two symmetric products of each iteration computed by a Triton kernel that does only the
+tiles on and above the diagonal. muon.py calls `newton_schulz` here when `enabled(G)`; set
+`muon_fast.ENABLED = False` to run the plain path on CUDA too. Speed only: tests hold it equal
+to the plain path.
+"""
+import torch
+from torch import Tensor
+
+try:  # ships with CUDA builds of torch; CPU tests run the kernel through Triton's interpreter
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+ENABLED = True
+# Tile shape and pipelining of the kernel (bench/gram_kernel.py times the alternatives).
+GRAM_CONFIG = dict(BLOCK_M=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def enabled(G: Tensor) -> bool:
+    return ENABLED and triton is not None and G.is_cuda
+
+
+def newton_schulz(X: Tensor, coefficients) -> Tensor:
+    """The iterations of muon.zeropower_via_newtonschulz5 on a normalised bf16 stack X [n, rows, cols],
+    rows <= cols (for a tall stack, the transposed view of it). Each is X <- B X with
+    B = a*I + b*A + c*A A^T and A = X X^T. Both products are symmetric, so each costs about half a
+    matmul (a third of the FLOPs saved for square matrices), and a sits on B's diagonal, added in
+    float32 before B is rounded to bf16."""
+    for a, b, c in coefficients:
+        A = gram(X)  # reads X in any layout
+        B = gram(A, alpha=c, beta=b, C=A, shift=a)
+        # B X = (X^T B)^T: the transposed view of a tall stack is multiplied in its own layout, so
+        # the result stays contiguous for what follows (read transposed, the update ran ~3x slower)
+        X = B @ X if X.is_contiguous() else (X.mT @ B).mT
+    return X
+
+
+if triton is not None:
+    @triton.jit
+    def _gram_kernel(X, C, Out, alpha, beta, shift, sxb, sxm, sxk, scb, scm, scn, sob, som, son,
+                     M: tl.constexpr, K: tl.constexpr, HAS_C: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program (i, j, b) computes tile (i, j) of matrix b for j >= i only, from row blocks i and j
+        # of X, and writes it twice: at (i, j) and, transposed, at (j, i).
+        i, j, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        if j < i:
+            return
+        ri = i * BLOCK_M + tl.arange(0, BLOCK_M)
+        rj = j * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_K)
+        xi = X + b * sxb + ri[:, None] * sxm + rk[None, :] * sxk  # [BLOCK_M, BLOCK_K] of row block i
+        xj = X + b * sxb + rj[None, :] * sxm + rk[:, None] * sxk  # [BLOCK_K, BLOCK_M]: row block j, transposed
+        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            xi_tile = tl.load(xi, mask=(ri[:, None] < M) & (k + rk[None, :] < K), other=0.0)
+            xj_tile = tl.load(xj, mask=(rj[None, :] < M) & (k + rk[:, None] < K), other=0.0)
+            acc = tl.dot(xi_tile, xj_tile, acc)
+            xi += BLOCK_K * sxk
+            xj += BLOCK_K * sxk
+        acc = acc * alpha
+        inside = (ri[:, None] < M) & (rj[None, :] < M)
+        if HAS_C:
+            acc += beta * tl.load(C + b * scb + ri[:, None] * scm + rj[None, :] * scn, mask=inside).to(tl.float32)
+        acc += tl.where(ri[:, None] == rj[None, :], shift, 0.0)
+        out = acc.to(Out.dtype.element_ty)
+        tl.store(Out + b * sob + ri[:, None] * som + rj[None, :] * son, out, mask=inside)
+        if i != j:
+            tl.store(Out + b * sob + rj[:, None] * som + ri[None, :] * son, tl.trans(out), mask=tl.trans(inside))
+
+
+def gram(X: Tensor, alpha: float = 1.0, beta: float = 0.0, C: Tensor | None = None, shift: float = 0.0,
+         config: dict | None = None) -> Tensor:
+    """shift * I + beta * C + alpha * X X^T for a stack X [n, m, k] of any strides (C: [n, m, m],
+    symmetric), summed in float32 and rounded once to X's dtype."""
+    n, M, K = X.shape
+    out = X.new_empty((n, M, M))
+    cfg = config or GRAM_CONFIG
+    tiles = triton.cdiv(M, cfg["BLOCK_M"])
+    C_ = out if C is None else C  # never read when HAS_C is False
+    _gram_kernel[(tiles, tiles, n)](X, C_, out, alpha, beta, shift, *X.stride(), *C_.stride(), *out.stride(),
+                                    M=M, K=K, HAS_C=C is not None, **cfg)
+    return out
