@@ -28,7 +28,7 @@ from bench.throughput import model_flags, steady_state  # noqa: E402
 def torchrun_cmd(n, *args):
     """The command and environment of a one-node torchrun job of n processes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *args]
-    return cmd, dict(os.environ, NCCL_NVLS_ENABLE="0")  # NVLink multicast off, as the device docs ask
+    return cmd, dict(os.environ, NCCL_NVLS_ENABLE="0")  # NVLink multicast (NVLS) off
 
 
 def torchrun(n, *args):
@@ -104,7 +104,7 @@ def main():
             base = base or per_gpu
             rows.append({"model": name, "gpus": w, "tok_per_s_per_gpu": round(per_gpu),
                          "scaling_efficiency": round(per_gpu / base, 3), **row})
-            write_table(args.out_dir, f"multi_gpu_pretrain_{name}",  # after each run: a cut-off call keeps it
+            write_table(args.out_dir, f"multi_gpu_pretrain_{name}",  # after each run: an interrupted benchmark keeps it
                         dict(meta, batch=f"{args.batch_size} x {args.seq_len} tokens per GPU"), rows)
     if "check" not in parts:
         return

@@ -2,7 +2,7 @@
 vs AdamW: same model, data order, tokens and seed (the setup of bench/compare_optimizers.py).
 
     python bench/muon_options.py                                   # CPU: embedded corpus
-    python bench/muon_options.py --scale gpu --data_path .carry/pycode --lr_muon 0.04 --lr_adamw 1e-3
+    python bench/muon_options.py --scale gpu --data_path data/prepared/NAME --lr_muon 0.04 --lr_adamw 1e-3
 
 Every Muon run uses the same --lr_muon and --lr_adamw (take the best ones from compare_optimizers);
 the options are not re-tuned. Cautious weight decay only acts with weight decay, so it is compared
@@ -40,8 +40,8 @@ def variants(args):
 
 
 def run_once(out_dir, flags):
-    """run(), or the result a finished earlier run left in out_dir/result.json (a benchmark split
-    over several sessions carries those files over); the checkpoint is not kept."""
+    """run(), or the result a finished run with the same flags left in out_dir/result.json (so an
+    interrupted benchmark starts again where it stopped); the checkpoint is not kept."""
     done = os.path.join(out_dir, "result.json")
     if os.path.exists(done):
         with open(done) as f:

@@ -11,9 +11,9 @@ the correct value and prefers the plain reply to the same reply with a hedge. Th
 SFT model prefers the hedged one, so held-out preference accuracy starts near 0%
 and rises only by what DPO teaches, while answer accuracy (both forms grade as
 correct) shows what that costs in facts. Pairs that differ in the value would test
-which value belongs to whom, which a model this small barely learns; with all four
-forms equally common, the SFT model's preference was a coin toss on margins of a
-few tenths of a nat (1% to 83% over 11 seeds, in a trial with longer hedges).
+which value belongs to whom, which a model this small barely learns. The hedged
+forms outnumber the plain one so that the SFT model's preference is one-sided:
+with all four forms equally common it is a coin toss (bench/LOG.md).
 """
 import functools
 import random
