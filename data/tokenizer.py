@@ -2,7 +2,8 @@
 
 The split pattern is GPT-4's (cl100k). Five special tokens sit after the BPE vocabulary;
 plain text can never turn into one of them (`encode` is tiktoken's `encode_ordinary`), so a
-user typing "<|im_end|>" cannot end an assistant turn.
+user typing "<|im_end|>" cannot end an assistant turn. A Hugging Face byte-level BPE
+tokenizer.json (as export_hf.py writes) loads too.
 """
 import base64
 import hashlib
@@ -19,6 +20,18 @@ SPLIT_PATTERN = (
 BOS, EOS, IM_START, IM_END, PAD = "<|bos|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END, PAD]
 FORMAT = "muon-bpe-v1"
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet, which Hugging Face vocabularies are written in: every byte
+    as a printable character (printable ASCII and Latin-1 stand for themselves, the other 68
+    bytes for U+0100 onwards), so a byte string can be a json key."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
+
+
+BYTE_TO_UNICODE = _byte_to_unicode()
 
 
 class Tokenizer:
@@ -101,20 +114,79 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(enc, name="trained")
 
 
+def _hf_split_pattern(pre: dict | None) -> str:
+    """The split regex of a byte-level pre-tokenizer: Split(regex) followed by a ByteLevel step
+    without a regex of its own, as export_hf.py (and Qwen, Llama 3) write it."""
+    steps = (pre or {}).get("pretokenizers", [pre])
+    kinds = [step and step.get("type") for step in steps]
+    if kinds != ["Split", "ByteLevel"]:
+        raise ValueError(f"pre-tokenizer is {kinds}, expected [Split(regex), ByteLevel]")
+    split, byte_level = steps
+    if "Regex" not in split["pattern"] or split.get("behavior") != "Isolated" or split.get("invert"):
+        raise ValueError(f"Split pre-tokenizer {split} is not an isolating regex split")
+    if byte_level.get("use_regex", True) or byte_level.get("add_prefix_space"):
+        raise ValueError("ByteLevel pre-tokenizer must have use_regex and add_prefix_space off")
+    return split["pattern"]["Regex"]
+
+
+def _encoding_from_hf(doc: dict, name: str) -> tiktoken.Encoding:
+    """tiktoken ranks from a Hugging Face byte-level BPE: a token's id is its rank. tiktoken
+    merges the adjacent pair whose concatenation has the lowest rank, so the merges list must
+    be in the order of the ids of the tokens it makes (any other order has no tiktoken twin)."""
+    model = doc["model"]
+    vocab = model["vocab"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"model type is {model.get('type')!r}, expected 'BPE'")
+    if doc.get("normalizer"):
+        raise ValueError(f"it has a {doc['normalizer'].get('type')} normalizer, which tiktoken cannot apply")
+    pattern = _hf_split_pattern(doc.get("pre_tokenizer"))
+    added = doc.get("added_tokens", [])
+    plain = [t["content"] for t in added if not t.get("special")]
+    if plain:
+        raise ValueError(f"added tokens {plain} are not special; tiktoken has no such tokens")
+    special = {t["content"]: t["id"] for t in added}
+    to_byte = {c: b for b, c in BYTE_TO_UNICODE.items()}
+    ranks = {}
+    for piece, rank in vocab.items():
+        if piece in special:  # some vocabularies list their special tokens among the BPE tokens too
+            continue
+        if any(c not in to_byte for c in piece):
+            raise ValueError(f"vocabulary entry {piece!r} is not written in the byte-level alphabet")
+        ranks[bytes(to_byte[c] for c in piece)] = rank
+    made = [vocab.get("".join(pair.split(" ") if isinstance(pair, str) else pair)) for pair in model["merges"]]
+    if None in made or any(a > b for a, b in zip(made, made[1:])):
+        raise ValueError("its merges are not in the order of the ids of the tokens they make")
+    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
+
+
 def load_tokenizer(path_or_name: str) -> Tokenizer:
-    """Load our json file, or a named tiktoken encoding ("gpt2", "cl100k_base") with our
-    special tokens added on top. Named encodings must already be in tiktoken's local cache."""
+    """Load our json file, a Hugging Face tokenizer.json with byte-level BPE (or a directory
+    holding one), or a named tiktoken encoding ("gpt2", "cl100k_base") with our special tokens
+    added on top. Named encodings must already be in tiktoken's local cache."""
     path = os.fspath(path_or_name)
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"tokenizer file not found: {path} (give a directory that holds a tokenizer.json)")
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
                 doc = json.load(f)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{path}: not a tokenizer file ({e})") from None
+        if isinstance(doc, dict) and "model" in doc and "format" not in doc:
+            try:
+                enc = _encoding_from_hf(doc, "hf")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}: not a byte-level BPE tokenizer that tiktoken can run ({e})") from None
+            return Tokenizer(enc, name=path)
+        try:
             if doc.get("format") != FORMAT:
                 raise ValueError(f"format is {doc.get('format')!r}, expected {FORMAT!r}")
             ranks = {base64.b64decode(b): r for b, r in doc["mergeable_ranks"]}
             enc = tiktoken.Encoding(doc.get("name", "trained"), pat_str=doc["pattern"],
                                     mergeable_ranks=ranks, special_tokens=doc["special_tokens"])
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a tokenizer file written by data/tokenizer.py ({e})") from None
         return Tokenizer(enc, name=path)
     if os.sep in path or path.endswith(".json"):
