@@ -15,6 +15,7 @@ import torch
 
 from common import autocast, die, load_checkpoint, load_checkpoint_tokenizer
 from data.chat import render_prompt
+from data.prepare import bounded
 from model import GPT, ModelConfig
 
 DEFAULT_PROMPTS = {
@@ -23,18 +24,29 @@ DEFAULT_PROMPTS = {
 }
 
 
-def parse_args():
+def device_name(text: str) -> str:
+    """An argparse type: auto, or a device torch knows (cpu, cuda, cuda:1, ...)."""
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}") from None
+    return text
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out/sft.pt", help="checkpoint of any stage")
     p.add_argument("--prompt", default=None, help="text to continue, or the user's message to a chat checkpoint")
     p.add_argument("--chat", action="store_true", help="interactive conversation (input() until EOF or exit)")
-    p.add_argument("--max_new_tokens", type=int, default=128, help="clamped to what fits in the context")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top_k", type=int, default=40, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--max_new_tokens", type=bounded(int, 1), default=128,
+                   help="at least 1; clamped to what fits in the context")
+    p.add_argument("--temperature", type=bounded(float, 0), default=0.8, help="0: greedy")
+    p.add_argument("--top_k", type=bounded(int, 0), default=40, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=bounded(int, 0), default=1337)
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's own")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def stream_text(model, tok, ids, args, eos_id, device, ctx):

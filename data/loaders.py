@@ -40,13 +40,42 @@ def write_tokens(path: str, ids_iter, vocab_size: int) -> int:
     return n
 
 
-def _meta_dtype(path: str) -> np.dtype:
-    """The dtype recorded in meta.json next to a token file (prepare.py writes it); uint16 if none."""
+def _meta(path: str) -> dict:
+    """meta.json next to a token file (prepare.py writes it), or {} when there is none."""
     meta = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.json")
-    if os.path.exists(meta):
+    if not os.path.exists(meta):
+        return {}
+    try:
         with open(meta, encoding="utf-8") as f:
-            return np.dtype(json.load(f).get("dtype", "uint16"))
-    return np.dtype(np.uint16)
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{meta}: not valid JSON ({e}); prepare the data again") from None
+
+
+def open_tokens(path: str, dtype=None) -> np.memmap:
+    """A token file as a read-only memmap, after checking it is whole: its size a multiple of the
+    token size and, when meta.json records it, the count prepare.py wrote. A file cut short by a
+    full disk or an interrupted copy would otherwise train on a silently different set of tokens
+    (or fail inside numpy with no hint of the cause). dtype defaults to meta.json's, else uint16."""
+    meta = _meta(path)
+    if not os.path.exists(path):
+        if meta:  # prepared with --sft_path/--dpo_path alone
+            raise DataError(f"{path}: no such token file; its directory was prepared without pretraining "
+                            f"text (data/prepare.py --pretrain_path)")
+        raise DataError(f"{path}: no such token file (run `python data/prepare.py` first)")
+    dtype = np.dtype(dtype if dtype is not None else meta.get("dtype", "uint16"))
+    size = os.path.getsize(path)
+    redo = "prepare the data again (data/prepare.py, or --data_path with the raw text)"
+    if size == 0:
+        raise DataError(f"{path}: token file is empty; {redo}")
+    if size % dtype.itemsize:
+        raise DataError(f"{path}: {size:,} bytes is not a whole number of {dtype.name} tokens "
+                        f"({dtype.itemsize} bytes each): the file is truncated or damaged; {redo}")
+    n, expected = size // dtype.itemsize, meta.get(f"{os.path.splitext(os.path.basename(path))[0]}_tokens")
+    if expected is not None and n != expected:
+        raise DataError(f"{path}: holds {n:,} tokens but meta.json records {expected:,}: the file is "
+                        f"truncated or damaged; {redo}")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 class TokenWindowLoader:
@@ -61,12 +90,10 @@ class TokenWindowLoader:
 
     def __init__(self, path, batch_size, seq_len, rank=0, world_size=1, seed=0, dtype=None):
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise DataError(f"{path}: no such token file (run `python data/prepare.py` first)")
         self.path, self.batch_size, self.seq_len = path, batch_size, seq_len
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.dtype = np.dtype(dtype) if dtype is not None else _meta_dtype(path)
-        self.tokens = np.memmap(path, dtype=self.dtype, mode="r")
+        self.tokens = open_tokens(path, dtype)
+        self.dtype = self.tokens.dtype
         self.num_tokens = len(self.tokens)
         if self.num_tokens < seq_len + 1:
             raise DataError(f"{path}: has {self.num_tokens} tokens, fewer than seq_len+1 = {seq_len + 1}; "

@@ -4,14 +4,16 @@ SFT/DPO jsonl splits, and meta.json describing them.
     python data/prepare.py                                   # embedded corpus -> data/embedded
     python data/prepare.py --pretrain_path P [--sft_path S] [--dpo_path D] --out_dir O
 
-Everything is built in a temporary directory and moved in only once all of it succeeded;
-meta.json is moved last, so its presence means "complete" (ensure_prepared relies on that).
+Everything is built in a temporary directory and moved in only once all of it succeeded: a new
+directory by one rename, an existing one file by file with meta.json last, so its presence means
+"complete" (ensure_prepared and prepare_source rely on that).
 """
 import argparse
 import contextlib
 import hashlib
 import inspect
 import json
+import math
 import os
 import shutil
 import sys
@@ -24,13 +26,32 @@ if __name__ == "__main__" and not __package__:  # `python data/prepare.py` from 
 import numpy as np
 
 from data.loaders import token_dtype
-from data.readers import DataError, read_dpo_jsonl, read_pretrain_texts, read_sft_jsonl
-from data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from data.readers import DataError, pretrain_files, read_dpo_jsonl, read_pretrain_texts, read_sft_jsonl
+from data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
 
 CHAT_FILES = tuple(f"{kind}_{split}.jsonl" for kind in ("sft", "dpo") for split in ("train", "val", "test"))
 PREPARED_FILES = ("tokenizer.json", "train.bin", "val.bin", *CHAT_FILES)  # meta.json goes last
 DEFAULT_TOKENIZER_MAX_CHARS = 200_000_000
 ENCODE_CHUNK = 1024  # documents per tiktoken batch call
+COPY_CHUNK = 1 << 24  # tokens per read when splitting the token stream into train and val
+HASH_CHUNK = 1 << 23  # bytes per read when hashing a source file
+EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens
+
+# Validation split of real pretraining text. 10% (what nanoGPT holds out of Tiny Shakespeare)
+# makes a small corpus's val loss measurable; a floor of 32,768 tokens (128 windows of the
+# default 256-token context) keeps it so for corpora under ~330k tokens, but never takes more
+# than a fifth of the text; beyond 1M tokens more val only costs training text, since the
+# mean loss over 1M tokens is already far steadier than the gaps between runs worth measuring.
+VAL_FRACTION = 0.10
+VAL_MIN_TOKENS = 32_768
+VAL_MAX_SHARE = 0.20
+VAL_MAX_TOKENS = 1_000_000
+# The val tokens are taken in up to 100 evenly spaced pieces of >= 4096 tokens, so every part of
+# a corpus (each file of a folder, the end of a book as well as its start) is represented, and a
+# corpus of few documents, or one long one, splits as well as one of many.
+VAL_PIECE_TOKENS = 4096
+VAL_MAX_PIECES = 100
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -40,9 +61,11 @@ def _say(quiet: bool, msg: str) -> None:
 
 @contextlib.contextmanager
 def _staged(out_dir: str):
-    """Yield an empty temp dir next to out_dir; on success move its files into out_dir."""
+    """Yield an empty temp dir next to out_dir; on success move its files into out_dir. On failure
+    nothing is left behind, not even a parent folder this call created."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
+    made_parent = not os.path.isdir(parent)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
@@ -50,10 +73,23 @@ def _staged(out_dir: str):
         _commit(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made_parent and not os.path.exists(out_dir):
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _commit(tmp: str, out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
+    if not os.path.exists(out_dir):
+        # A new directory appears whole in one rename, so it is never seen half-written.
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it private; give it a normal folder's mode
+        os.rename(tmp, out_dir)
+        return
     meta = os.path.join(out_dir, "meta.json")
     # Without meta.json the directory counts as unprepared, so a crash while moving files below
     # leads to a fresh prepare, never to a mix of old and new files being trained on.
@@ -105,51 +141,88 @@ def _get_tokenizer(tokenizer, texts, vocab_size: int, max_chars: int, quiet: boo
     return tok
 
 
-def _write_bins(tok: Tokenizer, labeled_docs, out: str, num_threads: int, quiet: bool) -> dict:
-    """Tokenize (split, text) pairs into out/train.bin and out/val.bin, each document followed
-    by eos. Returns token and document counts per split."""
+def _batches(items, n: int):
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _tokenize_into(tok: Tokenizer, texts, path: str, num_threads: int, quiet: bool) -> int:
+    """Write each text's tokens, followed by eos, to the flat token file `path`. Returns the
+    number of tokens written."""
     dtype = token_dtype(tok.vocab_size)
-    counts = {"train_tokens": 0, "val_tokens": 0, "train_docs": 0, "val_docs": 0}
+    n_tokens = n_docs = n_chars = 0
     t0 = last = time.time()
-    n_chars = 0
+    with open(path, "wb") as f:
+        for chunk in _batches(texts, ENCODE_CHUNK):
+            ids = []
+            for doc in tok.encode_batch(chunk, num_threads):
+                ids += doc
+                ids.append(tok.eos_id)
+            f.write(np.asarray(ids, dtype=dtype).tobytes())
+            n_tokens, n_docs, n_chars = n_tokens + len(ids), n_docs + len(chunk), n_chars + sum(map(len, chunk))
+            if time.time() - last > 5:
+                last = time.time()
+                _say(quiet, f"  {n_docs:,} docs, {n_chars / 1e6:,.1f}M chars, {n_tokens / 1e6:,.2f}M tokens, "
+                            f"{n_docs / (last - t0):,.0f} docs/s")
+    _say(quiet, f"  {n_docs:,} docs tokenized into {n_tokens:,} tokens, "
+                f"{n_tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s")
+    return n_tokens
+
+
+def val_token_count(n_tokens: int, fraction: float = VAL_FRACTION, max_tokens: int = VAL_MAX_TOKENS) -> int:
+    """How many of n_tokens pretraining tokens go to val.bin (see VAL_FRACTION and the rest)."""
+    n_val = min(max_tokens, max(int(fraction * n_tokens), min(VAL_MIN_TOKENS, int(VAL_MAX_SHARE * n_tokens))))
+    if n_val < 1:
+        raise DataError(f"the pretraining text is only {n_tokens} tokens: too little to split into train and val")
+    return n_val
+
+
+def val_spans(n_tokens: int, n_val: int) -> list[tuple[int, int]]:
+    """[start, end) token ranges, n_val tokens in all, that form val.bin: the last n_val/pieces
+    tokens of each of `pieces` equal stretches of the stream. Pieces cut through documents
+    where they fall; a window across a cut reads like one across a document boundary."""
+    pieces = max(1, min(VAL_MAX_PIECES, n_val // VAL_PIECE_TOKENS))
+    spans = []
+    for i in range(pieces):
+        end = (i + 1) * n_tokens // pieces
+        spans.append((end - n_val // pieces - (i < n_val % pieces), end))
+    return spans
+
+
+def _split_off_val(stream: str, out: str, n_val: int, tok: Tokenizer) -> dict:
+    """Copy the token file `stream` into out/train.bin and out/val.bin (val_spans to val, the rest
+    to train, in order). Returns token counts and, per split, the documents ending in it."""
+    tokens = np.memmap(stream, dtype=token_dtype(tok.vocab_size), mode="r")
+    counts = {"train_tokens": 0, "val_tokens": 0, "train_docs": 0, "val_docs": 0}
     with open(os.path.join(out, "train.bin"), "wb") as ftrain, open(os.path.join(out, "val.bin"), "wb") as fval:
-        files = {"train": ftrain, "val": fval}
+        def copy(start, end, f, split):
+            for i in range(start, end, COPY_CHUNK):
+                piece = tokens[i:min(end, i + COPY_CHUNK)]
+                f.write(piece.tobytes())
+                counts[f"{split}_tokens"] += len(piece)
+                counts[f"{split}_docs"] += int(np.count_nonzero(piece == tok.eos_id))
 
-        def flush(chunk):
-            nonlocal n_chars
-            by_split = {"train": [], "val": []}
-            for (split, text), doc in zip(chunk, tok.encode_batch([t for _, t in chunk], num_threads)):
-                by_split[split] += doc
-                by_split[split].append(tok.eos_id)
-                counts[f"{split}_tokens"] += len(doc) + 1
-                counts[f"{split}_docs"] += 1
-                n_chars += len(text)
-            for split, ids in by_split.items():
-                files[split].write(np.asarray(ids, dtype=dtype).tobytes())
-
-        chunk = []
-        for item in labeled_docs:
-            chunk.append(item)
-            if len(chunk) == ENCODE_CHUNK:
-                flush(chunk)
-                chunk = []
-                if time.time() - last > 5:
-                    last = time.time()
-                    docs = counts["train_docs"] + counts["val_docs"]
-                    _say(quiet, f"  {docs:,} docs, {n_chars / 1e6:,.1f}M chars, "
-                                f"{(counts['train_tokens'] + counts['val_tokens']) / 1e6:,.2f}M tokens, "
-                                f"{docs / (last - t0):,.0f} docs/s")
-        if chunk:
-            flush(chunk)
-    if counts["train_docs"] == 0 or counts["val_docs"] == 0:
-        raise DataError(f"pretraining text has {counts['train_docs'] + counts['val_docs']} document(s); "
-                        f"need at least 2 (one goes to val.bin)")
-    dt = time.time() - t0
-    total = counts["train_tokens"] + counts["val_tokens"]
-    _say(quiet, f"  train.bin {counts['train_tokens']:,} tokens ({counts['train_docs']:,} docs), "
-                f"val.bin {counts['val_tokens']:,} tokens ({counts['val_docs']:,} docs); "
-                f"{total / max(dt, 1e-9):,.0f} tokens/s")
+        pos = 0
+        for start, end in val_spans(len(tokens), n_val):
+            copy(pos, start, ftrain, "train")
+            copy(start, end, fval, "val")
+            pos = end
+        copy(pos, len(tokens), ftrain, "train")
+    del tokens
+    os.remove(stream)
     return counts
+
+
+def _say_split(counts: dict, quiet: bool) -> None:
+    total = counts["train_tokens"] + counts["val_tokens"]
+    _say(quiet, f"  train {counts['train_tokens']:,} tokens, val {counts['val_tokens']:,} tokens "
+                f"({100 * counts['val_tokens'] / total:.1f}%)")
 
 
 def _meta(tok: Tokenizer, counts: dict, chat_counts: dict, source: dict) -> dict:
@@ -191,8 +264,12 @@ def prepare_default(out_dir: str = "data/embedded", vocab_size: int = 4096, seed
     with _staged(out_dir) as tmp:
         tok = _get_tokenizer(tokenizer, pre["train"], vocab_size, DEFAULT_TOKENIZER_MAX_CHARS, quiet)
         tok.save(os.path.join(tmp, "tokenizer.json"))
-        labeled = [("train", t) for t in pre["train"]] + [("val", t) for t in pre["val"]]
-        counts = _write_bins(tok, labeled, tmp, num_threads or _threads(), quiet)
+        counts = {}
+        for split in ("train", "val"):  # the corpus has its own held-out stories
+            path = os.path.join(tmp, f"{split}.bin")
+            counts[f"{split}_tokens"] = _tokenize_into(tok, pre[split], path, num_threads or _threads(), quiet)
+            counts[f"{split}_docs"] = len(pre[split])
+        _say_split(counts, quiet)
         chat_counts = {}
         for kind in ("sft", "dpo"):
             for split, records in corpus[kind].items():
@@ -223,14 +300,43 @@ def _chat_splits(read, kind: str, path: str, val_path: str | None, seed: int, qu
             "val": [r for r, v in zip(records, is_val) if v]}
 
 
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_identity(path: str, quiet: bool = True) -> dict:
+    """{"path", "sha256", "bytes"} of a data file, or of a folder of pretraining files (its hash
+    then covers each file's name and bytes). The bytes are hashed in full: size and mtime alike
+    survive an edit within one mtime tick, a copy that keeps timestamps, or a restore from a
+    backup, and training on stale tokens is a silently wrong result, while a streamed sha256
+    costs a small fraction of tokenizing the same bytes."""
+    path = os.path.realpath(path)
+    files = pretrain_files(path) if os.path.isdir(path) else [path]
+    size = sum(os.path.getsize(f) for f in files)
+    if size > 1e9:
+        _say(quiet, f"hashing {path} ({size / 1e9:,.1f} GB) to tell whether it was prepared before...")
+    if os.path.isdir(path):
+        listing = "".join(f"{os.path.relpath(f, path)}\0{_file_sha256(f)}\n" for f in files)
+        digest = hashlib.sha256(listing.encode("utf-8")).hexdigest()
+    else:
+        digest = _file_sha256(path)
+    return {"path": path, "sha256": digest, "bytes": size}
+
+
 def prepare_files(out_dir: str, pretrain_path: str | None = None, sft_path: str | None = None,
                   dpo_path: str | None = None, sft_val_path: str | None = None,
                   dpo_val_path: str | None = None, vocab_size: int = 4096, tokenizer: str | None = None,
-                  val_every: int = 200, tokenizer_max_chars: int = DEFAULT_TOKENIZER_MAX_CHARS,
-                  seed: int = 1337, num_threads: int | None = None, quiet: bool = False) -> str:
-    """Prepare real data files into out_dir. Pretraining documents 0, val_every, 2*val_every, ...
-    (about 0.5% by default, always at least one) go to val.bin. SFT/DPO files are validated
-    and rewritten normalised ({"conversations": ...} / {"chosen", "rejected"} message lists)."""
+                  val_fraction: float = VAL_FRACTION, val_max_tokens: int = VAL_MAX_TOKENS,
+                  tokenizer_max_chars: int = DEFAULT_TOKENIZER_MAX_CHARS, seed: int = 1337,
+                  num_threads: int | None = None, quiet: bool = False) -> str:
+    """Prepare real data files into out_dir. val_token_count(total) pretraining tokens (10% of a
+    small corpus, at most 1M) go to val.bin in pieces spread over the text (val_spans). SFT/DPO
+    files are validated and rewritten normalised ({"conversations": ...} / {"chosen",
+    "rejected"} message lists). meta.json records each input's source_identity."""
     if pretrain_path is None and tokenizer is None:
         raise DataError("without --pretrain_path there is no text to train a tokenizer on; "
                         "pass --tokenizer (a tokenizer.json or gpt2)")
@@ -243,27 +349,120 @@ def prepare_files(out_dir: str, pretrain_path: str | None = None, sft_path: str 
         chat["sft"] = _chat_splits(read_sft_jsonl, "sft", sft_path, sft_val_path, seed, quiet)
     if dpo_path is not None:
         chat["dpo"] = _chat_splits(read_dpo_jsonl, "dpo", dpo_path, dpo_val_path, seed, quiet)
+    if pretrain_path is not None:
+        pretrain_files(pretrain_path)  # a missing, empty or unsupported path stops here, before hashing
+    inputs = {"pretrain": pretrain_path, "sft": sft_path, "sft_val": sft_val_path, "dpo": dpo_path,
+              "dpo_val": dpo_val_path}
+    # Hashed before reading: an input edited meanwhile is recorded as its old self, so it is
+    # prepared again on next use, never reused as if it matched.
+    identities = {k: source_identity(v, quiet) if v is not None else None for k, v in inputs.items()}
     with _staged(out_dir) as tmp:
         texts = read_pretrain_texts(pretrain_path) if pretrain_path is not None else []
         tok = _get_tokenizer(tokenizer, texts, vocab_size, tokenizer_max_chars, quiet)
         tok.save(os.path.join(tmp, "tokenizer.json"))
         counts = {}
         if pretrain_path is not None:
-            _say(quiet, f"tokenizing {pretrain_path} (every {val_every}th document to val)...")
-            labeled = (("val" if i % val_every == 0 else "train", t)
-                       for i, t in enumerate(read_pretrain_texts(pretrain_path)))
-            counts = _write_bins(tok, labeled, tmp, num_threads or _threads(), quiet)
+            _say(quiet, f"tokenizing {pretrain_path}...")
+            stream = os.path.join(tmp, "tokens.bin")
+            n_tokens = _tokenize_into(tok, read_pretrain_texts(pretrain_path), stream, num_threads or _threads(), quiet)
+            counts = _split_off_val(stream, tmp, val_token_count(n_tokens, val_fraction, val_max_tokens), tok)
+            _say_split(counts, quiet)
         chat_counts = {}
         for kind, splits in chat.items():
             for split, records in splits.items():
                 _write_jsonl(os.path.join(tmp, f"{kind}_{split}.jsonl"), records)
             chat_counts[kind] = {split: len(records) for split, records in splits.items()}
-        source = {"kind": "files", "pretrain_path": pretrain_path, "sft_path": sft_path,
-                  "sft_val_path": sft_val_path, "dpo_path": dpo_path, "dpo_val_path": dpo_val_path,
-                  "val_every": val_every, "seed": seed}
+        source = {"kind": "files", **identities, "vocab_size": vocab_size, "tokenizer": tokenizer,
+                  "tokenizer_max_chars": tokenizer_max_chars, "val_fraction": val_fraction,
+                  "val_max_tokens": val_max_tokens, "seed": seed}
         _write_json(os.path.join(tmp, "meta.json"), _meta(tok, counts, chat_counts, source))
     _say(quiet, f"prepared {out_dir} in {time.time() - t0:.1f}s")
     return out_dir
+
+
+# Besides the source, what shapes a prepare_files result; a reused directory must match them too.
+FILES_SETTINGS = ("vocab_size", "tokenizer", "tokenizer_max_chars", "val_fraction", "val_max_tokens", "seed")
+
+
+def _files_settings(settings: dict) -> dict:
+    """FILES_SETTINGS as given, else prepare_files's defaults."""
+    unknown = sorted(set(settings) - set(FILES_SETTINGS))
+    if unknown:
+        raise TypeError(f"unexpected settings {unknown}; prepare_source takes {', '.join(FILES_SETTINGS)}")
+    defaults = inspect.signature(prepare_files).parameters
+    return {k: settings[k] if k in settings else defaults[k].default for k in FILES_SETTINGS}
+
+
+def _recorded_source(out_dir: str) -> dict:
+    try:
+        with open(os.path.join(out_dir, "meta.json"), encoding="utf-8") as f:
+            return json.load(f).get("source") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _made_from(out_dir: str, wanted: dict) -> bool:
+    recorded = _recorded_source(out_dir)
+    return all(k in recorded and recorded[k] == v for k, v in wanted.items())
+
+
+def _candidate_names(identity: dict, settings: dict) -> list[str]:
+    """<stem>-<8 hex>, readable and distinct per (path, content, settings); longer hashes in the
+    unlikely case a directory of that name holds something else."""
+    stem = os.path.splitext(os.path.basename(identity["path"]))[0] or "data"
+    key = hashlib.sha256(json.dumps({**identity, **settings}, sort_keys=True).encode("utf-8")).hexdigest()
+    return [f"{stem}-{key[:n]}" for n in (8, 16, 64)]
+
+
+def _other_preparations(prepared_root: str, path: str) -> list[str]:
+    """Directories under prepared_root prepared from `path` (with other content or settings)."""
+    if not os.path.isdir(prepared_root):
+        return []
+    found = []
+    for name in sorted(os.listdir(prepared_root)):
+        pretrain = _recorded_source(os.path.join(prepared_root, name)).get("pretrain") or {}
+        if isinstance(pretrain, dict) and pretrain.get("path") == path:
+            found.append(os.path.join(prepared_root, name))
+    return found
+
+
+def prepare_source(data_path: str | None, prepared_root: str, embedded_dir: str = EMBEDDED_DIR,
+                   quiet: bool = False, num_threads: int | None = None, **settings) -> str:
+    """The prepared directory to pretrain on for a --data_path, prepared on first use:
+
+    - None: the embedded corpus in embedded_dir (ensure_prepared);
+    - a prepared directory (one with meta.json): itself;
+    - a .txt/.jsonl/.parquet file or a folder of them: the directory under prepared_root whose
+      meta.json records this source, same absolute path and same bytes (source_identity), made
+      with the same settings (prepare_files's vocab_size, val_fraction, ...); otherwise a new
+      one named <stem>-<8 hex>. A directory prepared from anything else is never overwritten.
+
+    Run it on one process only; the others wait for it and use the returned path."""
+    if data_path is None:
+        return ensure_prepared(embedded_dir)
+    if os.path.isdir(data_path) and os.path.exists(os.path.join(data_path, "meta.json")):
+        return data_path
+    pretrain_files(data_path)  # missing, empty, unsupported type, not a data folder: stop before hashing
+    settings, identity = _files_settings(settings), source_identity(data_path, quiet)
+    wanted = {"kind": "files", "pretrain": identity, **settings}
+    prepared_root = os.path.abspath(prepared_root)
+    for name in _candidate_names(identity, settings):
+        out = os.path.join(prepared_root, name)
+        if _made_from(out, wanted):
+            _say(quiet, f"using {out}, prepared from {identity['path']} (same content, sha256 "
+                        f"{identity['sha256'][:12]}...)")
+            return out
+        if not os.path.exists(out):
+            break
+    else:
+        raise DataError(f"{prepared_root}: the names for {identity['path']} are taken by other data; "
+                        f"prepare it with data/prepare.py --out_dir")
+    for other in _other_preparations(prepared_root, identity["path"]):
+        _say(quiet, f"{other} was prepared from an earlier version of {identity['path']} (or other "
+                    f"settings); kept, delete it once no checkpoint needs its tokenizer")
+    _say(quiet, f"preparing {identity['path']} into {out} (first use of this content; for another vocabulary "
+                f"size or val split run data/prepare.py yourself)...")
+    return prepare_files(out, pretrain_path=identity["path"], num_threads=num_threads, quiet=quiet, **settings)
 
 
 def ensure_prepared(out_dir: str = "data/embedded", **kwargs) -> str:
@@ -289,36 +488,63 @@ def _threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+def bounded(kind, lo, hi=None, above: bool = False):
+    """An argparse type: a finite `kind` (int or float) >= lo (> lo if above) and <= hi, refused
+    at parse time with the allowed range (argparse puts the flag's name in front)."""
+    rule = f"{'an integer' if kind is int else 'a number'} {'>' if above else '>='} {lo}"
+    rule += f" and <= {hi}" if hi is not None else ""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > lo if above else value >= lo) and (hi is None or value <= hi)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    return parse
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default=None, help="output directory (default data/embedded; required with data paths)")
-    p.add_argument("--vocab_size", type=int, default=4096, help="tokenizer size to train, special tokens included")
+    p.add_argument("--vocab_size", type=bounded(int, MIN_VOCAB_SIZE, 2**32), default=4096,
+                   help=f"tokenizer size to train, special tokens included (at least {MIN_VOCAB_SIZE})")
     p.add_argument("--tokenizer", default=None,
                    help="use this tokenizer.json or tiktoken name (gpt2) instead of training one")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=bounded(int, 0), default=1337)
     real = p.add_argument_group("real data (leave out for the embedded default corpus)")
     real.add_argument("--pretrain_path", default=None, help=".txt/.jsonl/.parquet file or a directory of them")
     real.add_argument("--sft_path", default=None, help="SFT jsonl (conversations/messages)")
     real.add_argument("--sft_val_path", default=None, help="SFT validation jsonl (default: ~1%% of --sft_path)")
     real.add_argument("--dpo_path", default=None, help="DPO jsonl (chosen/rejected)")
     real.add_argument("--dpo_val_path", default=None, help="DPO validation jsonl (default: ~1%% of --dpo_path)")
-    real.add_argument("--val_every", type=int, default=200, help="every Nth pretraining document goes to val.bin")
-    real.add_argument("--tokenizer_max_chars", type=int, default=DEFAULT_TOKENIZER_MAX_CHARS,
+    real.add_argument("--val_fraction", type=bounded(float, 0, 0.5, above=True), default=VAL_FRACTION,
+                      help=f"share of the pretraining tokens held out in val.bin (at least {VAL_MIN_TOKENS:,} "
+                           f"tokens when the text allows)")
+    real.add_argument("--val_max_tokens", type=bounded(int, 1), default=VAL_MAX_TOKENS,
+                      help="at most this many pretraining tokens go to val.bin")
+    real.add_argument("--tokenizer_max_chars", type=bounded(int, 1), default=DEFAULT_TOKENIZER_MAX_CHARS,
                       help="train the tokenizer on at most this many characters of pretraining text")
     emb = p.add_argument_group("embedded corpus size")
-    emb.add_argument("--n_stories", type=int, default=40000)
-    emb.add_argument("--n_sft", type=int, default=20000)
-    emb.add_argument("--n_dpo", type=int, default=10000)
-    emb.add_argument("--n_eval", type=int, default=500)
-    p.add_argument("--num_threads", type=int, default=None, help="tokenizer threads (default min(8, cores))")
+    emb.add_argument("--n_stories", type=bounded(int, 1), default=40000)
+    emb.add_argument("--n_sft", type=bounded(int, 1), default=20000)
+    emb.add_argument("--n_dpo", type=bounded(int, 1), default=10000)
+    emb.add_argument("--n_eval", type=bounded(int, 1), default=500)
+    p.add_argument("--num_threads", type=bounded(int, 1), default=None,
+                   help="tokenizer threads (default min(8, cores))")
     args = p.parse_args(argv)
+    files = any(x is not None for x in (args.pretrain_path, args.sft_path, args.dpo_path))
+    if files and args.out_dir is None:
+        p.error("--out_dir is required when preparing your own data files")
     try:
-        if any(x is not None for x in (args.pretrain_path, args.sft_path, args.dpo_path)):
-            if args.out_dir is None:
-                p.error("--out_dir is required when preparing your own data files")
+        if files:
             prepare_files(args.out_dir, args.pretrain_path, args.sft_path, args.dpo_path, args.sft_val_path,
-                          args.dpo_val_path, args.vocab_size, args.tokenizer, args.val_every,
-                          args.tokenizer_max_chars, args.seed, args.num_threads)
+                          args.dpo_val_path, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                          val_fraction=args.val_fraction, val_max_tokens=args.val_max_tokens,
+                          tokenizer_max_chars=args.tokenizer_max_chars, seed=args.seed,
+                          num_threads=args.num_threads)
         else:
             prepare_default(args.out_dir or "data/embedded", args.vocab_size, args.seed, tokenizer=args.tokenizer,
                             num_threads=args.num_threads, n_stories=args.n_stories, n_sft=args.n_sft,

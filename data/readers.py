@@ -11,6 +11,8 @@ from typing import Iterator
 
 ROLES = ("system", "user", "assistant")
 PRETRAIN_SUFFIXES = (".txt", ".jsonl", ".parquet")
+# data/prepare.py output, never pretraining text: a folder holding them is a prepared one
+PREPARED_MARKERS = ("train.bin", "val.bin", "sft_train.jsonl", "dpo_train.jsonl")
 
 
 class DataError(Exception):
@@ -94,10 +96,23 @@ def _read_txt(path: str) -> Iterator[str]:
         yield "\n".join(doc)
 
 
+def _chat_kind(obj: dict) -> str | None:
+    """The chat format ("SFT" or "DPO") whose keys a json record has, else None."""
+    if "chosen" in obj and "rejected" in obj:
+        return "DPO"
+    if "conversations" in obj or "messages" in obj:
+        return "SFT"
+    return None
+
+
 def _read_text_jsonl(path: str) -> Iterator[str]:
     for lineno, obj in _json_lines(path):
         if "text" not in obj:
-            raise DataError(f"{path}:{lineno}: missing key 'text'; "
+            kind = _chat_kind(obj)
+            # SFT/DPO files in a folder given as pretraining text are the likely cause; say so
+            hint = (f"this is {kind} data, not pretraining text" if kind
+                    else f"keys found: {', '.join(obj) or 'none'}")
+            raise DataError(f"{path}:{lineno}: missing key 'text' ({hint}); "
                             f"pretraining jsonl lines look like {{\"text\": \"...\"}}")
         if not isinstance(obj["text"], str):
             raise DataError(f"{path}:{lineno}: 'text' must be a string, got {type(obj['text']).__name__}")
@@ -122,22 +137,38 @@ def _read_parquet(path: str) -> Iterator[str]:
                 yield t
 
 
-def _pretrain_files(path: str) -> list[str]:
+def _raw_files_under(path: str) -> list[str]:
+    """Every pretraining file under a folder, sorted; a prepared data directory is refused by name,
+    since its sft/dpo jsonl files would otherwise be read as text and fail far from the cause."""
+    if os.path.exists(os.path.join(path, "meta.json")):
+        raise DataError(f"{path}: is a prepared data directory (it has meta.json), not raw text; pass it "
+                        f"to the training scripts as --data_path, or give data/prepare.py the raw files")
+    found = [n for n in PREPARED_MARKERS if os.path.exists(os.path.join(path, n))]
+    if found:
+        raise DataError(f"{path}: looks like a prepared data directory ({', '.join(found)}) but has no "
+                        f"meta.json, which data/prepare.py writes last: the preparation did not finish or "
+                        f"the file was removed; prepare it again with data/prepare.py --out_dir {path} "
+                        f"from the raw files it came from")
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # skip .git, .cache, staging dirs
+        files += [os.path.join(root, n) for n in names if n.endswith(PRETRAIN_SUFFIXES) and not n.startswith(".")]
+    if not files:
+        raise DataError(f"{path}: neither a prepared data directory (no meta.json) nor a folder of "
+                        f"{', '.join(PRETRAIN_SUFFIXES)} pretraining files")
+    return sorted(files)
+
+
+def pretrain_files(path: str) -> list[str]:
+    """The files read_pretrain_texts(path) reads, in order, each checked to exist, be non-empty
+    and have a supported type."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory")
-    if os.path.isdir(path):
-        files = []
-        for root, dirs, names in os.walk(path):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]  # skip .git, .cache, staging dirs
-            files += [os.path.join(root, n) for n in names if n.endswith(PRETRAIN_SUFFIXES) and not n.startswith(".")]
-        files.sort()
-        if not files:
-            raise DataError(f"{path}: directory has no {'/'.join(PRETRAIN_SUFFIXES)} files")
-    else:
-        files = [path]
+    files = _raw_files_under(path) if os.path.isdir(path) else [path]
     for f in files:
         if not f.endswith(PRETRAIN_SUFFIXES):
-            raise DataError(f"{f}: unsupported file type; pretraining text must be {', '.join(PRETRAIN_SUFFIXES)}")
+            raise DataError(f"{f}: unsupported file type; pretraining text must be a "
+                            f"{', '.join(PRETRAIN_SUFFIXES)} file or a folder of them")
         if os.path.getsize(f) == 0:
             raise DataError(f"{f}: file is empty")
         if f.endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
@@ -149,7 +180,7 @@ def read_pretrain_texts(path: str) -> Iterator[str]:
     """Documents from a .txt (blank-line separated), .jsonl ({"text": ...}) or .parquet ("text"
     column) file, or from every such file under a directory in sorted order. Streams; the path
     checks happen at call time, content errors as the iterator reaches them."""
-    files = _pretrain_files(os.fspath(path))
+    files = pretrain_files(os.fspath(path))
 
     def docs():
         for f in files:

@@ -118,6 +118,49 @@ def test_missing_token_file_is_a_clear_error(tmp_path):
         TokenWindowLoader(str(tmp_path / "nope.bin"), 1, 4)
 
 
+def test_token_file_ending_in_part_of_a_token_is_a_clear_error(tmp_path):
+    path = tmp_path / "train.bin"
+    write_tokens(str(path), [np.arange(100)], vocab_size=1000)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(DataError, match=r"train\.bin: 199 bytes is not a whole number of uint16 tokens.*prepare"):
+        TokenWindowLoader(str(path), 1, 4)
+
+
+def test_token_file_shorter_than_meta_json_records_is_a_clear_error(tmp_path):
+    path = tmp_path / "train.bin"
+    write_tokens(str(path), [np.arange(100)], vocab_size=1000)
+    (tmp_path / "meta.json").write_text('{"dtype": "uint16", "train_tokens": 150}')
+    with pytest.raises(DataError, match=r"train\.bin: holds 100 tokens but meta.json records 150.*prepare"):
+        TokenWindowLoader(str(path), 1, 4)
+
+
+def test_eval_batches_refuse_a_truncated_token_file(tmp_path):
+    path = tmp_path / "val.bin"
+    write_tokens(str(path), [np.arange(100)], vocab_size=1000)
+    (tmp_path / "meta.json").write_text('{"dtype": "uint16", "val_tokens": 101}')
+    with pytest.raises(DataError, match=r"val\.bin: holds 100 tokens but meta.json records 101"):
+        next(eval_batches(str(path), 1, 4))
+
+
+def test_empty_token_file_is_a_clear_error(tmp_path):
+    (tmp_path / "train.bin").write_bytes(b"")
+    with pytest.raises(DataError, match=r"train\.bin: token file is empty"):
+        TokenWindowLoader(str(tmp_path / "train.bin"), 1, 4)
+
+
+def test_missing_token_file_of_a_chat_only_directory_says_it_had_no_pretraining_text(tmp_path):
+    (tmp_path / "meta.json").write_text('{"sft": {"train": 10, "val": 1}}')
+    with pytest.raises(DataError, match="prepared without pretraining text"):
+        TokenWindowLoader(str(tmp_path / "train.bin"), 1, 4)
+
+
+def test_malformed_meta_json_is_a_clear_error(tmp_path):
+    write_tokens(str(tmp_path / "train.bin"), [np.arange(100)], vocab_size=1000)
+    (tmp_path / "meta.json").write_text('{"dtype": ')
+    with pytest.raises(DataError, match=r"meta\.json: not valid JSON"):
+        TokenWindowLoader(str(tmp_path / "train.bin"), 1, 4)
+
+
 def test_eval_batches_split_a_fixed_set_evenly_between_ranks(tmp_path):
     path = str(tmp_path / "val.bin")
     write_tokens(path, [np.arange(5000)], vocab_size=5000)  # token value == position

@@ -103,7 +103,8 @@ def test_prepare_files_tokenizes_real_data_and_splits_off_val(tmp_path):
     out = str(tmp_path / "out")
     prepare.prepare_files(out, str(src / "pre"), str(src / "sft.jsonl"), str(src / "dpo.jsonl"), vocab_size=300, quiet=True)
     meta = json.load(open(os.path.join(out, "meta.json")))
-    assert meta["train_docs"] + meta["val_docs"] == 400 and meta["val_docs"] == 2  # docs 0 and 200
+    assert meta["train_docs"] + meta["val_docs"] == 400  # each document's eos lands in one split
+    assert meta["val_tokens"] == prepare.val_token_count(meta["train_tokens"] + meta["val_tokens"])
     assert meta["sft"] == {"train": 49, "val": 1} and meta["dpo"] == {"train": 29, "val": 1}
     sft = read_sft_jsonl(os.path.join(out, "sft_train.jsonl"))
     assert list(sft[0]) == ["conversations"]  # HF "messages" normalised
@@ -148,4 +149,39 @@ def test_prepare_cli_bad_input_exits_1_with_one_clear_line(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert r.stderr.strip() == f"error: {missing}: no such file or directory"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, value, rule", [
+    ("--vocab_size", "260", "an integer >= 261 and <= 4294967296"),
+    ("--num_threads", "0", "an integer >= 1"),
+    ("--seed", "-1", "an integer >= 0"),
+    ("--val_fraction", "0", "a number > 0 and <= 0.5"),
+    ("--val_fraction", "0.6", "a number > 0 and <= 0.5"),
+    ("--val_max_tokens", "0", "an integer >= 1"),
+    ("--tokenizer_max_chars", "0", "an integer >= 1"),
+    ("--n_stories", "0", "an integer >= 1"),
+    ("--n_eval", "ten", "an integer >= 1"),
+])
+def test_prepare_cli_refuses_out_of_range_numbers_naming_the_flag_and_range(tmp_path, capsys, flag, value, rule):
+    with pytest.raises(SystemExit) as e:
+        prepare.main(["--out_dir", str(tmp_path / "o"), flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be {rule}, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_cli_accepts_the_smallest_vocab_size(tmp_path):
+    src = _real_inputs(tmp_path / "src")
+    prepare.main(["--pretrain_path", str(src / "pre" / "a.txt"), "--out_dir", str(tmp_path / "o"),
+                  "--vocab_size", str(prepare.MIN_VOCAB_SIZE), "--num_threads", "1"])
+    assert json.load(open(tmp_path / "o" / "meta.json"))["vocab_size"] == prepare.MIN_VOCAB_SIZE
+
+
+def test_prepare_cli_names_an_unsupported_file_type_and_the_accepted_ones(tmp_path):
+    (tmp_path / "good.csv").write_text("text\nhello\n")
+    r = subprocess.run([sys.executable, "data/prepare.py", "--pretrain_path", str(tmp_path / "good.csv"), "--out_dir",
+                        str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "good.csv: unsupported file type; pretraining text must be a .txt, .jsonl, .parquet file" in r.stderr
     assert not (tmp_path / "o").exists()

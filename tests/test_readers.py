@@ -84,7 +84,8 @@ def test_pretrain_only_blank_lines_is_no_usable_records(tmp_path):
 
 def test_pretrain_unsupported_extension_is_an_error(tmp_path):
     (tmp_path / "a.csv").write_text("text\nhello\n")
-    assert "unsupported file type" in _pretrain_error(str(tmp_path / "a.csv"))
+    assert "a.csv: unsupported file type; pretraining text must be a .txt, .jsonl, .parquet file" in \
+        _pretrain_error(str(tmp_path / "a.csv"))
 
 
 def test_pretrain_jsonl_malformed_line_names_file_and_line(tmp_path):
@@ -95,6 +96,35 @@ def test_pretrain_jsonl_malformed_line_names_file_and_line(tmp_path):
 def test_pretrain_jsonl_missing_text_key_names_file_and_line(tmp_path):
     p = _jsonl(tmp_path / "a.jsonl", [{"text": "ok"}, {"content": "x"}])
     assert "a.jsonl:2: missing key 'text'" in _pretrain_error(p)
+
+
+def test_pretrain_jsonl_of_dpo_records_says_it_is_dpo_data(tmp_path):
+    p = _jsonl(tmp_path / "dpo_train.jsonl", [{"chosen": _convo(), "rejected": _convo("Blue.")}])
+    assert "dpo_train.jsonl:1: missing key 'text' (this is DPO data, not pretraining text)" in _pretrain_error(p)
+
+
+def test_pretrain_jsonl_of_sft_records_says_it_is_sft_data(tmp_path):
+    p = _jsonl(tmp_path / "chat.jsonl", [{"messages": _convo()}])
+    assert "(this is SFT data, not pretraining text)" in _pretrain_error(p)
+
+
+def test_pretrain_folder_without_data_files_is_neither_prepared_nor_raw_text(tmp_path):
+    (tmp_path / "notes.md").write_text("hello")
+    assert "neither a prepared data directory (no meta.json) nor a folder of .txt" in _pretrain_error(str(tmp_path))
+
+
+def test_pretrain_folder_of_prepared_files_without_meta_json_says_so(tmp_path):
+    (tmp_path / "train.bin").write_bytes(b"\0\0")
+    _jsonl(tmp_path / "dpo_train.jsonl", [{"chosen": _convo(), "rejected": _convo("Blue.")}])
+    msg = _pretrain_error(str(tmp_path))
+    assert "looks like a prepared data directory (train.bin, dpo_train.jsonl) but has no meta.json" in msg
+    assert "missing key" not in msg
+
+
+def test_pretrain_prepared_folder_with_meta_json_is_not_raw_text(tmp_path):
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "a.txt").write_text("text")
+    assert "is a prepared data directory (it has meta.json), not raw text" in _pretrain_error(str(tmp_path))
 
 
 def test_pretrain_jsonl_text_not_a_string_names_file_and_line(tmp_path):

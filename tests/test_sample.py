@@ -14,7 +14,7 @@ from common import save_checkpoint
 from data.prepare import prepare_default
 from data.tokenizer import load_tokenizer
 from model import GPT, ModelConfig
-from sample import stream_text
+from sample import parse_args, stream_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,3 +92,36 @@ def test_streaming_prints_a_character_split_across_tokens_whole(tok_path):
         out = stream_text(Scripted(), tok, [tok.bos_id], args, tok.eos_id, torch.device("cpu"), torch.no_grad())
     assert out == ids
     assert buf.getvalue() == "é!\n"  # never a U+FFFD for the first byte alone
+
+
+def test_max_new_tokens_zero_is_a_flag_error_before_anything_loads(tmp_path):
+    r = sample("--ckpt", str(tmp_path / "missing.pt"), "--max_new_tokens", "0")
+    assert r.returncode == 2
+    assert "argument --max_new_tokens: must be an integer >= 1, got '0'" in r.stderr
+    assert "fills the context" not in r.stderr and "missing.pt" not in r.stderr
+
+
+@pytest.mark.parametrize("flag, value, rule", [
+    ("--max_new_tokens", "-3", "an integer >= 1"),
+    ("--temperature", "-0.5", "a number >= 0"),
+    ("--temperature", "nan", "a number >= 0"),
+    ("--top_k", "-1", "an integer >= 0"),
+    ("--top_k", "2.5", "an integer >= 0"),
+    ("--seed", "-1", "an integer >= 0"),
+])
+def test_out_of_range_numeric_flags_are_refused_naming_the_flag_and_range(flag, value, rule, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args([flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be {rule}, got '{value}'" in capsys.readouterr().err
+
+
+def test_an_unknown_device_is_a_flag_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--device", "gpu"])
+    assert "argument --device: must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+
+
+def test_the_edges_of_each_range_are_accepted():
+    args = parse_args(["--max_new_tokens", "1", "--temperature", "0", "--top_k", "0", "--seed", "0", "--device", "cpu"])
+    assert (args.max_new_tokens, args.temperature, args.top_k, args.seed) == (1, 0.0, 0, 0)
