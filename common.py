@@ -1,8 +1,9 @@
-"""Plumbing the three training scripts share: flags, distributed setup, the two optimizers,
-gradient sync and clipping, learning-rate schedule, checkpoints, and logging.
+"""Plumbing the three training scripts share: flags, distributed setup, gradient sync and
+clipping across ranks, checkpoints, the run lock, and logging.
 
-The algorithm of each stage lives in its own script; this file only holds what they would
-otherwise repeat word for word.
+The algorithm of each stage (data, model, the Muon/AdamW split, both optimizers, both
+schedules, the loop) lives in its own script; this file only holds what they would otherwise
+repeat word for word.
 """
 import argparse
 import contextlib
@@ -16,7 +17,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from muon import DistMuon, Muon
+from data.prepare import bounded
+
+# A run stopped by Ctrl-C or SIGTERM saves its checkpoint and exits with this status (EX_TEMPFAIL:
+# "try again"), so a scheduler can tell a pre-empted, resumable run from a finished one (0).
+EXIT_INTERRUPTED = 75
 
 
 def print0(*args, **kwargs):
@@ -32,58 +37,82 @@ def die(msg: str):
     sys.exit(1)
 
 
+def warn(msg: str):
+    """A legal value that is surely not what the user meant: say so once, on rank 0, and go on."""
+    print0(f"warning: {msg}")
+
+
 # ------------------------------------------------------------------------------------ flags
 
 def train_arg_parser(description: str) -> argparse.ArgumentParser:
-    """The flags every stage script has, under the same names (stage defaults are set by each script)."""
-    p = argparse.ArgumentParser(description=description)
+    """The flags every stage script has, under the same names (stage defaults are set by each script).
+    Every number is checked at parse time: argparse names the flag and the allowed range."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"Ctrl-C or SIGTERM saves the checkpoint and exits with status {EXIT_INTERRUPTED}; "
+                                       "--resume continues exactly.")
     a = p.add_argument
+    pos, nonneg, pos_f, nonneg_f = bounded(int, 1), bounded(int, 0), bounded(float, 0, above=True), bounded(float, 0)
     a("--data_path", default=None, help="data to train on (default: the embedded corpus, prepared on first use)")
     a("--out_dir", default="out", help="where checkpoints and metrics go")
-    a("--init_from", default=None, help="checkpoint whose weights start this stage")
+    a("--init_from", default=None, help="checkpoint (or Hugging Face Qwen3 directory) whose weights start this stage")
     a("--resume", action="store_true", help="continue this stage from <out_dir>/<stage>.pt exactly")
     # model shape (pretraining builds it; later stages check it against --init_from)
-    a("--hidden_size", type=int, default=None)
-    a("--num_hidden_layers", type=int, default=None)
-    a("--num_attention_heads", type=int, default=None)
-    a("--num_key_value_heads", type=int, default=None)
-    a("--max_seq_len", type=int, default=None)
+    a("--hidden_size", type=pos, default=None)
+    a("--num_hidden_layers", type=pos, default=None)
+    a("--num_attention_heads", type=pos, default=None)
+    a("--num_key_value_heads", type=pos, default=None)
+    a("--max_seq_len", type=bounded(int, 2), default=None)
     # batch and length of training
-    a("--batch_size", type=int, default=16, help="sequences per micro-batch per process")
-    a("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    a("--epochs", type=float, default=None, help="passes over the training data (used when --max_steps is 0)")
-    a("--max_steps", type=int, default=None, help="optimizer steps (0: derive from --epochs)")
+    a("--batch_size", type=pos, default=16, help="sequences per micro-batch per process")
+    a("--accumulation_steps", type=pos, default=1, help="micro-batches per optimizer step")
+    a("--epochs", type=pos_f, default=None, help="passes over the training data (used when --max_steps is 0)")
+    a("--max_steps", type=nonneg, default=None, help="optimizer steps (0: derive from --epochs)")
     # optimizers and schedules
     a("--optimizer", choices=["muon", "adamw"], default="muon", help="adamw: AdamW for every parameter (baseline)")
-    a("--lr_muon", type=float, default=0.02, help="peak LR of Muon (matrices in the blocks)")
-    a("--lr_adamw", type=float, default=5e-4, help="peak LR of AdamW (embedding, head, norms)")
-    a("--momentum", type=float, default=0.95, help="Muon momentum (after its warmup)")
-    a("--momentum_start", type=float, default=0.85, help="Muon momentum at step 0 and after the cool-down")
-    a("--momentum_warmup_steps", type=int, default=0, help="ramp Muon momentum from --momentum_start (0: off)")
-    a("--momentum_cooldown_steps", type=int, default=0, help="ramp it back to --momentum_start at the end")
+    a("--lr_muon", type=pos_f, default=0.02, help="peak LR of Muon (matrices in the blocks)")
+    a("--lr_adamw", type=pos_f, default=5e-4, help="peak LR of AdamW (embedding, head, norms)")
+    a("--momentum", type=bounded(float, 0, 1), default=0.95, help="Muon momentum (after its warmup)")
+    a("--momentum_start", type=bounded(float, 0, 1), default=0.85,
+      help="Muon momentum at step 0 and after the cool-down")
+    a("--momentum_warmup_steps", type=nonneg, default=0, help="ramp Muon momentum from --momentum_start (0: off)")
+    a("--momentum_cooldown_steps", type=nonneg, default=0, help="ramp it back to --momentum_start at the end")
     a("--ns_coefficients", choices=["quintic", "polar_express"], default="quintic",
       help="Newton-Schulz polynomials")
     a("--normuon", action=argparse.BooleanOptionalAction, default=False, help="NorMuon row/column normalisation")
-    a("--normuon_beta2", type=float, default=0.95, help="NorMuon's second-moment decay")
+    a("--normuon_beta2", type=bounded(float, 0, 1), default=0.95, help="NorMuon's second-moment decay")
     a("--cautious_wd", action=argparse.BooleanOptionalAction, default=False,
       help="Muon decays a weight only where its update has the same sign")
-    a("--weight_decay", type=float, default=0.0, help="decoupled weight decay of both optimizers' matrices")
-    a("--warmup_steps", type=int, default=20)
-    a("--min_lr_ratio", type=float, default=0.1, help="cosine decays each LR to this fraction of its peak")
-    a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    a("--weight_decay", type=nonneg_f, default=0.0, help="decoupled weight decay of both optimizers' matrices")
+    a("--warmup_steps", type=nonneg, default=20)
+    a("--min_lr_ratio", type=bounded(float, 0, 1), default=0.1, help="cosine decays each LR to this fraction of its peak")
+    a("--grad_clip", type=nonneg_f, default=1.0, help="clip the global gradient norm (0: off)")
     # hardware
     a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     a("--device", default="auto", help="auto, cpu, cuda")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on CUDA)")
-    a("--seed", type=int, default=1337)
+    a("--seed", type=nonneg, default=1337)
     # logging and checkpoints
-    a("--log_interval", type=int, default=10)
-    a("--eval_interval", type=int, default=100)
-    a("--eval_iters", type=int, default=20, help="batches per evaluation")
-    a("--save_interval", type=int, default=0, help="also save every N steps (0: only at evals and the end)")
+    a("--log_interval", type=pos, default=10)
+    a("--eval_interval", type=pos, default=100)
+    a("--eval_iters", type=pos, default=20, help="batches per evaluation")
+    a("--save_interval", type=nonneg, default=0, help="also save every N steps (0: only at evals and the end)")
     a("--use_wandb", action="store_true")
     a("--wandb_project", default="muon-minimal")
     return p
+
+
+def total_steps_of(args, steps_per_epoch: float) -> int:
+    """--max_steps, or --epochs worth of steps; warns about a warmup or momentum ramp longer than the run."""
+    if args.max_steps:
+        total = args.max_steps
+    elif args.epochs:
+        total = max(1, math.ceil(args.epochs * steps_per_epoch))
+    else:
+        die("set --max_steps or --epochs")
+    for flag in ("warmup_steps", "momentum_warmup_steps", "momentum_cooldown_steps"):
+        if getattr(args, flag) > total:
+            warn(f"--{flag} {getattr(args, flag)} is longer than the run ({total} steps)")
+    return total
 
 
 # ------------------------------------------------------------------------------ distributed
@@ -125,77 +154,43 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def catch_interrupts() -> list:
+    """Ctrl-C or a scheduler's SIGTERM only append to the returned list; the loop reads it at its
+    next logged step, saves, and exits with EXIT_INTERRUPTED."""
+    import signal
+    interrupted = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: interrupted.append(True))
+    return interrupted
+
+
+def any_rank(flag: bool, device, world_size: int) -> bool:
+    """True on every rank if it is true on any (all ranks must stop at the same step)."""
+    t = torch.tensor(float(flag), device=device)
+    if world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def autocast(device: torch.device, dtype: str):
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
-# ------------------------------------------------------------------------------- optimizers
+# -------------------------------------------------------------------- gradients across ranks
 
-def make_optimizers(muon_params, adamw_params, args, world_size: int, device: torch.device):
-    """Muon (DistMuon under torchrun) for the block matrices, AdamW for the rest.
-
-    AdamW decays only its matrices (embedding and, untied, the head), never norms or vectors.
-    """
-    muon_opt = None
-    if muon_params:
-        muon_cls = DistMuon if world_size > 1 else Muon
-        muon_opt = muon_cls(muon_params, lr=args.lr_muon, momentum=args.momentum, weight_decay=args.weight_decay,
-                            ns_coefficients=args.ns_coefficients, normuon=args.normuon, beta2=args.normuon_beta2,
-                            cautious_wd=args.cautious_wd)
-    groups = [dict(params=[p for p in adamw_params if p.ndim >= 2], weight_decay=args.weight_decay),
-              dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)]
-    adamw_opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr_adamw, betas=(0.9, 0.95),
-                                  eps=1e-8, fused=device.type == "cuda")
-    return muon_opt, adamw_opt
-
-
-def cosine_lr(step: int, total_steps: int, peak: float, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup to `peak`, then cosine decay to min_lr_ratio * peak at total_steps."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return peak * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def muon_momentum(step: int, total_steps: int, args) -> float:
-    """--momentum, ramped up from --momentum_start over the first --momentum_warmup_steps and
-    back down over the last --momentum_cooldown_steps. Lower momentum early follows the fast-
-    changing gradients of a fresh model; modded-nanogpt warms it up from 0.85 to 0.95."""
-    m = args.momentum
-    if step < args.momentum_warmup_steps:
-        m = args.momentum_start + (m - args.momentum_start) * step / args.momentum_warmup_steps
-    left = total_steps - step
-    if left < args.momentum_cooldown_steps:
-        m = args.momentum_start + (m - args.momentum_start) * left / args.momentum_cooldown_steps
-    return m
-
-
-def schedules(step: int, total_steps: int, args, muon_opt, adamw_opt) -> tuple:
-    """Set this step's lr_muon, lr_adamw and Muon momentum in the optimizers; returns them.
-
-    Each optimizer has its own schedule: linear warmup, then cosine to min_lr_ratio * peak.
-    """
-    lr_muon = cosine_lr(step, total_steps, args.lr_muon, args.warmup_steps, args.min_lr_ratio)
-    lr_adamw = cosine_lr(step, total_steps, args.lr_adamw, args.warmup_steps, args.min_lr_ratio)
-    momentum = muon_momentum(step, total_steps, args)
-    for group in muon_opt.param_groups if muon_opt is not None else []:
-        group["lr"], group["momentum"] = lr_muon, momentum
-    for group in adamw_opt.param_groups:
-        group["lr"] = lr_adamw
-    return lr_muon, lr_adamw, momentum
-
-
-def sync_grads(params, world_size: int):
-    """Average these gradients over ranks, async: launched before Muon's work so they overlap it.
-
-    Only AdamW's parameters go through here; DistMuon averages the Muon gradients itself
-    (there is no DDP wrapper, so nothing is averaged twice). Returns the handles to wait on.
-    """
+def sync_grads(adamw_params, muon_opt, world_size: int):
+    """Average the gradients over ranks. There is no DDP wrapper: AdamW's gradients are all-reduced
+    here, and DistMuon averages the Muon gradients itself (reduce-scatter); its launch goes first so
+    both collectives are in flight together. Nothing is averaged twice."""
     if world_size == 1:
-        return []
-    return [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in params if p.grad is not None]
+        return
+    work = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in adamw_params if p.grad is not None]
+    if muon_opt is not None:
+        muon_opt.reduce_grads()
+    for w in work:
+        w.wait()
 
 
 def grad_sq_sum(params) -> torch.Tensor:
@@ -209,53 +204,81 @@ def grad_sq_sum(params) -> torch.Tensor:
     return torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
 
 
-def clip_grads(muon_opt, muon_params, adamw_params, max_norm: float, world_size: int, sync: bool = True):
-    """Global norm of the *averaged* gradient, and the factor that clips it to max_norm.
+def clip_grads(muon_opt, muon_params, adamw_params, max_norm: float, world_size: int):
+    """Global norm of the *averaged* gradient, and the factor that clips it to max_norm, as 0-D
+    tensors: the host never waits for the GPU here (a non-finite norm shows up as a NaN loss at the
+    next log). AdamW's gradients are scaled here; the Muon factor goes to muon_opt.step(grad_scale=).
 
-    AdamW gradients are already averaged (sync_grads). Single-process Muon gradients are the
-    averaged ones too. Under DistMuon the averaged Muon gradients exist only as each owner's
-    slice after its reduce-scatter, so DistMuon runs that phase now and sums the squares of the
-    slices across ranks (grad_sq_sum). The Muon factor is handed to muon_opt.step(grad_scale=).
-    Returns (norm, scale): floats with sync=True; with sync=False 0-D tensors, so the host never
-    waits for the GPU here (a non-finite norm then shows up as a NaN loss at the next log).
+    Under DistMuon the averaged Muon gradients exist only as each owner's slice after its
+    reduce-scatter, so DistMuon sums the squares of the slices across ranks (grad_sq_sum); that
+    waits for every reduce-scatter before the first Newton-Schulz can start.
     """
     sq = grad_sq_sum(adamw_params)
     if muon_opt is not None:
         sq = sq + (muon_opt.grad_sq_sum() if world_size > 1 else grad_sq_sum(muon_params))
     norm = sq.sqrt()
+    scale = torch.ones_like(norm)
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
         adamw_grads = [p.grad for p in adamw_params if p.grad is not None]
         if adamw_grads:  # foreach ops refuse an empty list
             torch._foreach_mul_(adamw_grads, scale)
-    else:
-        scale = torch.ones_like(norm)
-    return (norm.item(), scale.item()) if sync else (norm, scale)
+    return norm, scale
 
 
 # ------------------------------------------------------------------------------ checkpoints
 
 def save_checkpoint(path: str, ckpt: dict):
     """Atomic: write a temp file beside `path`, then rename over it, so a crash mid-save never
-    destroys the previous checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    destroys the previous checkpoint. A full disk or an unwritable path stops the run with one
+    message and leaves the previous checkpoint as it was."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        reason = "the disk is full" if "No space left" in str(e) or getattr(e, "errno", None) == 28 else str(e)
+        die(f"could not write checkpoint {path}: {reason}; the previous checkpoint, if any, is intact")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+CHECKPOINT_KEYS = ("model", "model_config")
+
+
 def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this project (weights_only: nothing in it runs code), or a Hugging Face
+    Qwen3 directory (export_hf.py reads it into the same form)."""
+    if os.path.isdir(path):
+        from export_hf import load_hf_checkpoint
+        return load_hf_checkpoint(path)
     if not os.path.exists(path):
         die(f"checkpoint {path} does not exist (train the previous stage first, or check the path)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        die(f"checkpoint {path} could not be read ({type(e).__name__}: {e})")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's message suggests weights_only=False, which would run the file's code: never
+        die(f"checkpoint {path} could not be read ({type(e).__name__}): a damaged file, or not a checkpoint "
+            f"written by these scripts")
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
+        die(f"{path} is not a checkpoint of these scripts (a {type(ckpt).__name__} without "
+            f"{' and '.join(CHECKPOINT_KEYS)}); for bare weights use export_hf.py's format or --init_from a checkpoint")
+    return ckpt
+
+
+def check_resume(ckpt: dict, path: str, stage: str, args, total_steps: int):
+    """The one place a --resume is checked against its checkpoint: same stage, same optimizer,
+    a step budget that is not already spent."""
+    if ckpt.get("stage") != stage or "step" not in ckpt:
+        die(f"{path} is a {ckpt.get('stage', 'foreign')!r} checkpoint, not {stage!r}: --resume continues this "
+            f"stage's own checkpoint; start a new {stage} run with --init_from {path}")
+    if ckpt["args"]["optimizer"] != args.optimizer:
+        die(f"{path} was trained with --optimizer {ckpt['args']['optimizer']}; resume with the same")
+    if ckpt["step"] > total_steps:
+        die(f"{path} is at step {ckpt['step']}, past this run's {total_steps} steps; pass --max_steps above "
+            f"{ckpt['step']} to train on")
 
 
 def rng_state(device: torch.device) -> dict:
@@ -297,32 +320,54 @@ def peak_flops(device: torch.device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def lock_out_dir(out_dir: str, stage: str, rank: int):
+    """Hold <out_dir>/.<stage>.lock for the life of the process, so a second run of the same stage
+    into the same out_dir stops at once instead of interleaving metrics and checkpoints. The OS
+    drops the lock when the process ends, even on kill -9."""
+    if rank != 0:
+        return None
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, f".{stage}.lock"), "w")
+    except OSError as e:
+        die(f"--out_dir {out_dir} cannot be used ({e.strerror}): it must be a directory, or a path one can be made at")
+    try:
+        import fcntl
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): no lock
+        pass
+    except OSError:
+        die(f"another {stage} run is using --out_dir {out_dir}; wait for it or pass another --out_dir")
+    return f
+
+
 class MetricsLogger:
-    """Rows to the console, to <out_dir>/<stage>_metrics.jsonl and, with --use_wandb, to W&B."""
+    """Rows to the console, to <out_dir>/<stage>_metrics.jsonl and, with --use_wandb, to W&B.
+    A fresh run replaces the previous run's file at its first row, not before: a run that fails
+    while starting leaves the old metrics in place. --resume appends."""
 
     def __init__(self, args, stage: str, rank: int, resume: bool):
-        self.rank, self.wandb = rank, None
+        self.rank, self.wandb, self.mode = rank, None, "a" if resume else "w"
         self.path = os.path.join(args.out_dir, f"{stage}_metrics.jsonl")
-        if rank != 0:
-            return
-        os.makedirs(args.out_dir, exist_ok=True)
-        if not resume and os.path.exists(self.path):
-            os.remove(self.path)
-        if args.use_wandb:
+        if rank == 0 and args.use_wandb:
             try:
                 import wandb
+                self.wandb = wandb.init(project=args.wandb_project, name=f"{stage}-{time.strftime('%m%d-%H%M%S')}",
+                                        config=vars(args))
             except ImportError:
                 die("--use_wandb needs the wandb package: pip install wandb")
-            self.wandb = wandb.init(project=args.wandb_project, name=f"{stage}-{time.strftime('%m%d-%H%M%S')}",
-                                    config=vars(args))
+            except Exception as e:  # not logged in, no network: one message, not wandb's traceback
+                die(f"--use_wandb: wandb could not start ({type(e).__name__}: {e}); run `wandb login`, or set "
+                    f"WANDB_MODE=offline")
 
     def log(self, row: dict, console: str | None = None):
         if self.rank != 0:
             return
         if console:
             print(console, flush=True)
-        with open(self.path, "a") as f:
+        with open(self.path, self.mode) as f:
             f.write(json.dumps(row) + "\n")
+        self.mode = "a"
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
 

@@ -234,6 +234,10 @@ class GPT(nn.Module):
                              f"max_seq_len={self.config.max_seq_len}; crop the input or raise max_seq_len")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.embed_tokens(idx)
+        if torch.is_autocast_enabled(x.device.type):
+            # the residual stream in the autocast dtype (bf16), as the matmuls produce it: every
+            # elementwise op on it (norms, adds, RoPE) and every saved activation moves half the bytes
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, i, kv_cache)
         if kv_cache is not None:

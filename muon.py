@@ -28,10 +28,11 @@ of torch.optim.Muon) plus, with normuon, {"second_moment": the matrix view's sha
 averaged dim set to 1}. DistMuon gathers its ranks' slices before saving and keeps only its own
 after loading, so a state dict moves freely between Muon, DistMuon and any world size.
 
-Speed: same-shape parameters are stacked, so each shape is one batched Newton-Schulz. On CUDA the
-step of each stack is one torch.compile'd graph whose hyperparameters enter as 0-D tensors (a
-schedule changes their values, never the graph), and Newton-Schulz takes the fast path of
-muon_fast.py (a Triton kernel for its symmetric products), which computes the same polynomial.
+Speed: same-shape parameters form one stack, so each shape is one batched Newton-Schulz, and
+their weights and state buffers are views into that stack (see `stacked`). On CUDA the step of
+each stack is one torch.compile'd graph whose hyperparameters enter as 0-D tensors (a schedule
+changes their values, never the graph), and Newton-Schulz takes the fast path of muon_fast.py (a
+Triton kernel for its symmetric products), which computes the same polynomial.
 """
 import math
 
@@ -88,8 +89,10 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, coefficients: str = "
         raise ValueError(f"Newton-Schulz needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
     coefficients = newton_schulz_coefficients(coefficients, steps)
     margin = 1.02 if coefficients[0] == POLAR_EXPRESS[0] else 1.0
-    X = G.mT if G.size(-2) > G.size(-1) else G
-    X = (X / (X.float().norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)).bfloat16()  # one rounding
+    X = G.bfloat16()
+    if G.size(-2) > G.size(-1):
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)
     if muon_fast.enabled(X) and X.ndim == 3:  # the same iterations with half-cost symmetric products
         X = muon_fast.newton_schulz(X, coefficients)
     else:
@@ -118,10 +121,13 @@ def normuon(O: Tensor, V: Tensor, beta2) -> Tensor:
     """
     O = O.float()
     dim = -1 if O.size(-2) >= O.size(-1) else -2
-    V.lerp_(O.square().mean(dim=dim, keepdim=True), 1 - beta2)
-    normed = O * V.clamp_min(1e-10).rsqrt()
-    ratio = O.norm(dim=(-2, -1), keepdim=True) / normed.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
-    return (normed * ratio).bfloat16()
+    sq = O.square().mean(dim=dim, keepdim=True)  # the only pass over O before the update itself
+    V.lerp_(sq, 1 - beta2)
+    inv = V.clamp_min(1e-10).rsqrt()
+    # ||O||^2 and ||O * inv||^2 are sums of the row (column) means sq, times the row length, which
+    # cancels in their ratio: the two norms cost no pass over O
+    ratio = sq.sum(dim=(-2, -1), keepdim=True) / (sq * inv.square()).sum(dim=(-2, -1), keepdim=True).clamp_min(1e-20)
+    return (O * (inv * ratio.sqrt())).bfloat16()
 
 
 def weight_update(W: Tensor, O: Tensor, lr, weight_decay, scale: float, cautious_wd: bool) -> None:
@@ -146,31 +152,21 @@ def update_scale(shape, adjust_lr: str) -> float:
 
 # ------------------------------------------------------------------ one same-shape stack
 
-def orthogonalised_update(G: Tensor, bufs: list, seconds: list | None, hp: dict, group: dict) -> Tensor:
-    """Momentum, Nesterov, Newton-Schulz (and NorMuon) for a stack G [n, rows, cols] of gradients.
-    bufs (and seconds) are the n parameters' state tensors, updated in place. Returns bf16 O."""
-    M = torch.stack([matrix_view(b) for b in bufs])
+def orthogonalised_update(G: Tensor, M: Tensor, V: Tensor | None, hp: dict, group: dict) -> Tensor:
+    """Momentum, Nesterov, Newton-Schulz (and NorMuon) for a stack G [n, rows, cols] of gradients;
+    M (momentum) and V (NorMuon's second moments, or None) are stacks updated in place. Returns bf16 O."""
     U = momentum_update(G * hp["grad_scale"], M, hp["momentum"], group["nesterov"])
     O = zeropower_via_newtonschulz5(U, group["ns_steps"], group["ns_coefficients"])
-    if seconds is not None:
-        V = torch.stack(seconds)
-        O = normuon(O, V, hp["beta2"])
-        torch._foreach_copy_(seconds, list(V.unbind(0)))
-    torch._foreach_copy_([matrix_view(b) for b in bufs], list(M.unbind(0)))
-    return O
+    return normuon(O, V, hp["beta2"]) if V is not None else O
 
 
-def apply_update(params: list, O: Tensor, hp: dict, group: dict) -> None:
-    """Decay and step every parameter of a stack by its row of O."""
-    W = torch.stack([matrix_view(p) for p in params])
+def apply_update(W: Tensor, O: Tensor, hp: dict, group: dict) -> None:
     weight_update(W, O, hp["lr"], hp["weight_decay"], update_scale(W.shape, group["adjust_lr"]), group["cautious_wd"])
-    torch._foreach_copy_([matrix_view(p) for p in params], list(W.unbind(0)))
 
 
-def muon_step(params: list, bufs: list, seconds: list | None, hp: dict, group: dict) -> None:
+def muon_step(W: Tensor, G: Tensor, M: Tensor, V: Tensor | None, hp: dict, group: dict) -> None:
     """The whole Muon step of one same-shape stack: what Muon compiles as one graph on CUDA."""
-    G = torch.stack([matrix_view(p.grad) for p in params])
-    apply_update(params, orthogonalised_update(G, bufs, seconds, hp, group), hp, group)
+    apply_update(W, orthogonalised_update(G, M, V, hp, group), hp, group)
 
 
 # ------------------------------------------------------------------ plumbing
@@ -184,6 +180,46 @@ def second_moment_shape(p: Tensor) -> tuple:
     """NorMuon's factored second moment: the matrix view's shape with the averaged dim set to 1."""
     *batch, rows, cols = matrix_view(p).shape
     return (*batch, rows, 1) if rows >= cols else (*batch, 1, cols)
+
+
+def stacked(tensors: list, rebind) -> Tensor:
+    """The tensors as one stack [n, *matrix view] that they are views of, so the step reads and
+    writes a whole group in single kernels instead of stacking and copying back every step.
+
+    A documented choice: the first step moves each weight (p.data) and state buffer into its
+    group's stack through `rebind(i, view)`; a parameter keeps its identity, shape and grad. Later
+    steps find the stack again from the tensors' storage. A tensor given new storage since
+    (load_state_dict, .to(), a buffer set by hand) breaks the run of consecutive rows, and the
+    group is stacked anew.
+    """
+    first = tensors[0]
+    shape, nbytes = matrix_view(first).shape, first.numel() * first.element_size()
+    storage = first.untyped_storage()
+    if all(t.is_contiguous() and t.dtype == first.dtype and t.untyped_storage().data_ptr() == storage.data_ptr()
+           and t.data_ptr() == first.data_ptr() + i * nbytes for i, t in enumerate(tensors)):
+        return first.new_empty(0).set_(storage, first.storage_offset(), (len(tensors), *shape))
+    stack = torch.stack([matrix_view(t) for t in tensors])
+    for i, t in enumerate(tensors):
+        rebind(i, stack[i].view(t.shape))
+    return stack
+
+
+def state_stacks(state: dict, params: list, group: dict):
+    """(momentum stack, NorMuon second-moment stack or None) of a group, created as zeros on first use."""
+    for p in params:
+        s = state[p]
+        if "momentum_buffer" not in s or s["momentum_buffer"].dtype != p.dtype:  # (a parameter moved by .to())
+            s["momentum_buffer"] = s.get("momentum_buffer", torch.zeros_like(p)).to(p.dtype)
+        if group["normuon"] and "second_moment" not in s:
+            s["second_moment"] = p.new_zeros(second_moment_shape(p), dtype=torch.float32)
+    keys = ("momentum_buffer", "second_moment") if group["normuon"] else ("momentum_buffer",)
+    stacks = [stacked([state[p][k] for p in params], lambda i, t, k=k: state[params[i]].__setitem__(k, t))
+              for k in keys]
+    return stacks[0], stacks[1] if group["normuon"] else None
+
+
+def weight_stack(params: list) -> Tensor:
+    return stacked([p.data for p in params], lambda i, t: setattr(params[i], "data", t))
 
 
 def same_shape_groups(params) -> list:
@@ -203,34 +239,18 @@ def hyperparameters(group: dict, grad_scale) -> dict:
     return hp
 
 
-def state_of(state: dict, p: Tensor, group: dict):
-    """(momentum buffer, NorMuon second moment or None) of p, created as zeros on first use."""
-    s = state[p]
-    if "momentum_buffer" not in s or s["momentum_buffer"].dtype != p.dtype:  # (a parameter moved by .to())
-        s["momentum_buffer"] = s.get("momentum_buffer", torch.zeros_like(p)).to(p.dtype)
-    if group["normuon"] and "second_moment" not in s:
-        s["second_moment"] = p.new_zeros(second_moment_shape(p), dtype=torch.float32)
-    return s["momentum_buffer"], s.get("second_moment") if group["normuon"] else None
-
-
 _compiled = {}
 
 
 def compiled(fn, backend):
-    """fn, or fn under torch.compile (once per function and backend). Each stack shape is its own
-    graph, and a model can have more shapes than dynamo's default limit: the limit is raised only
-    while these functions run."""
+    """fn, or fn under torch.compile (once per function and backend): one graph per stack shape and
+    option set. A model with more distinct stacks than dynamo's recompile limit (8 by default) runs
+    the rest eagerly, with dynamo's warning; raise torch._dynamo.config.recompile_limit for it."""
     if not backend:
         return fn
     backend = "inductor" if backend is True else backend
     if (fn, backend) not in _compiled:
-        graph = torch.compile(fn, dynamic=False, backend=backend)
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-
-        def run(*args):
-            with torch._dynamo.config.patch(**{limit: 256}):
-                return graph(*args)
-        _compiled[(fn, backend)] = run
+        _compiled[(fn, backend)] = torch.compile(fn, dynamic=False, backend=backend)
     return _compiled[(fn, backend)]
 
 
@@ -280,9 +300,10 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             hp = hyperparameters(group, grad_scale)
             for params in same_shape_groups([p for p in group["params"] if p.grad is not None]):
-                bufs, seconds = zip(*(state_of(self.state, p, group) for p in params))
+                G = torch.stack([matrix_view(p.grad) for p in params])
+                M, V = state_stacks(self.state, params, group)
                 step = compiled(muon_step, params[0].is_cuda if self.compile is None else self.compile)
-                step(params, list(bufs), list(seconds) if group["normuon"] else None, hp, group)
+                step(weight_stack(params), G, M, V, hp, group)
         return loss
 
 
@@ -380,16 +401,15 @@ class DistMuon(Muon):
             work.wait()  # 2. the owner turns its averaged slice into updates, then shares them
             update = grads.new_zeros(grads.shape, dtype=torch.bfloat16)
             if owned:
-                bufs, seconds = zip(*(state_of(self.state, p, group) for p in owned))
+                M, V = state_stacks(self.state, owned, group)
                 run = compiled(orthogonalised_update, grads.is_cuda if self.compile is None else self.compile)
-                update[:len(owned)] = run(grads[:len(owned)], list(bufs), list(seconds) if group["normuon"] else None,
-                                          hyperparameters(group, grad_scale), group)
+                update[:len(owned)] = run(grads[:len(owned)], M, V, hyperparameters(group, grad_scale), group)
             full = update.new_empty((per_rank * self.world_size, *update.shape[1:]))
             gathers.append((_all_gather(full, update, async_op=True), full, group, params))
         for work, full, group, params in gathers:
             work.wait()  # 3. every rank applies every update to its replica of the weights
             run = compiled(apply_update, full.is_cuda if self.compile is None else self.compile)
-            run(params, full[:len(params)], hyperparameters(group, grad_scale), group)
+            run(weight_stack(params), full[:len(params)], hyperparameters(group, grad_scale), group)
         return loss
 
     @torch.no_grad()

@@ -4,6 +4,7 @@
     python train_full_sft_muon.py --data_path sft.jsonl --init_from out/pretrain.pt
     torchrun --nproc_per_node 8 train_full_sft_muon.py --data_path sft.jsonl --val_path sft_val.jsonl
 
+Reads top to bottom as the pretraining script does; only the batch, the loss and the evals differ.
 Every weight of the pretrained model is trained, on the assistant tokens only (the loss mask of
 data/chat.py: assistant content and its <|im_end|>). The model's shape and tokenizer come from
 --init_from (default <out_dir>/pretrain.pt). Evaluation: masked val loss, and answer accuracy
@@ -13,28 +14,29 @@ the end, so the gain over the pretrained model is visible. --data_path: a .jsonl
 """
 import math
 import os
-import signal
+import resource
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from common import (MetricsLogger, answer_accuracy, answer_questions, check_model_matches,
-                    cleanup_distributed, clip_grads, die, format_eta, load_checkpoint,
-                    load_checkpoint_tokenizer, make_optimizers, peak_flops, print0, resolve_chat_data,
-                    rng_state, save_checkpoint, schedules, set_rng_state, setup_run, split_val,
-                    sync_grads, train_arg_parser)
+from common import (EXIT_INTERRUPTED, MetricsLogger, answer_accuracy, answer_questions, any_rank, catch_interrupts,
+                    check_model_matches, check_resume, cleanup_distributed, clip_grads, die, format_eta,
+                    load_checkpoint, load_checkpoint_tokenizer, lock_out_dir, peak_flops, print0, resolve_chat_data,
+                    rng_state, save_checkpoint, set_rng_state, setup_run, split_val, sync_grads, total_steps_of,
+                    train_arg_parser)
 from data.loaders import SFTLoader, collate_sft, encode_sft
 from data.readers import DataError, read_sft_jsonl
 from model import GPT, ModelConfig, split_params, split_summary
+from muon import DistMuon, Muon
 
 STAGE = "sft"
 
 
 def parse_args():
     p = train_arg_parser(__doc__)
-    # stage defaults: a short warmup and a few CPU minutes on the embedded data. Muon 0.01 learned
-    # the answers clearly faster than 0.005; momentum 0.95 was worse than 0.9. Sweep: README.
+    # stage defaults: a short warmup and a few CPU minutes on the embedded data (bench/LOG.md: the sweep)
     p.set_defaults(batch_size=16, max_steps=800, lr_muon=0.01, lr_adamw=2e-4, momentum=0.9,
                    warmup_steps=10, eval_interval=200, log_interval=10)
     p.add_argument("--val_path", default=None, help="SFT validation jsonl (default: 2%% of a --data_path file)")
@@ -43,6 +45,26 @@ def parse_args():
                         "(default: sft_test.jsonl of the data directory; none for a plain file)")
     p.add_argument("--eval_questions", type=int, default=100, help="questions per answer-accuracy eval (0: off)")
     return p.parse_args()
+
+
+def cosine_lr(step: int, total_steps: int, peak: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to min_lr_ratio * peak at total_steps."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def muon_momentum(step: int, total_steps: int, args) -> float:
+    """--momentum, ramped up from --momentum_start over the first --momentum_warmup_steps and back
+    down over the last --momentum_cooldown_steps (modded-nanogpt warms it from 0.85 to 0.95: a
+    fresh model's gradients change fast, and a shorter memory follows them)."""
+    m = args.momentum
+    if step < args.momentum_warmup_steps:
+        m = args.momentum_start + (m - args.momentum_start) * step / args.momentum_warmup_steps
+    if total_steps - step < args.momentum_cooldown_steps:
+        m = args.momentum_start + (m - args.momentum_start) * (total_steps - step) / args.momentum_cooldown_steps
+    return m
 
 
 def sft_batches(encoded, batch_size, max_batches, rank, world_size, pad_id):
@@ -70,11 +92,22 @@ def evaluate(model, val_encoded, args, rank, world_size, device, ctx, pad_id):
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
+def sync_time(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+def memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
 def main():
     args = parse_args()
     rank, world_size, device, ctx, use_compile = setup_run(args)
-
-    # ---------------------------------------------------------------- starting point
+    lock = lock_out_dir(args.out_dir, STAGE, rank)  # noqa: F841 (held until exit)
     # --init_from gives the weights, shape and tokenizer; --resume takes all three (and the
     # optimizers, data position and RNG) from this stage's own checkpoint instead.
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
@@ -84,8 +117,6 @@ def main():
     train_file, val_file, data_dir = resolve_chat_data(STAGE, args.data_path, rank, world_size)
     tok = load_checkpoint_tokenizer(ckpt, start_path, data_dir)
     check_model_matches(ckpt, args, tok.fingerprint, start_path)
-    if args.resume and ckpt["args"]["optimizer"] != args.optimizer:
-        die(f"{ckpt_path} was trained with --optimizer {ckpt['args']['optimizer']}; resume with the same")
     config = ModelConfig(**ckpt["model_config"])
 
     # ---------------------------------------------------------------- data
@@ -103,14 +134,10 @@ def main():
     print0(f"data: {train_file}: {len(train_records):,} conversations, {n_cut:,} longer than max_seq_len="
            f"{config.max_seq_len} (truncated; {len(train_records) - len(train_encoded):,} of them dropped: no "
            f"assistant token left); {len(val_encoded):,} val conversations")
-    questions, eval_path = answer_questions(args.eval_path, data_dir, tok, config.max_seq_len,
-                                            args.eval_questions)
-    if args.max_steps:
-        total_steps = args.max_steps
-    elif args.epochs:
-        total_steps = math.ceil(args.epochs * train_loader.batches_per_epoch / args.accumulation_steps)
-    else:
-        die("set --max_steps or --epochs")
+    questions, eval_path = answer_questions(args.eval_path, data_dir, tok, config.max_seq_len, args.eval_questions)
+    total_steps = total_steps_of(args, train_loader.batches_per_epoch / args.accumulation_steps)
+    if args.resume:
+        check_resume(ckpt, ckpt_path, STAGE, args, total_steps)
     examples_per_step = args.batch_size * args.accumulation_steps * world_size
     print0(f"{examples_per_step} conversations per step, {total_steps} steps "
            f"({total_steps * examples_per_step / len(train_encoded):.2f} epochs); "
@@ -120,18 +147,25 @@ def main():
     # ---------------------------------------------------------------- model
     raw_model = GPT(config).to(device)
     raw_model.load_state_dict(ckpt["model"])
-    model = torch.compile(raw_model) if use_compile else raw_model
+    model = torch.compile(raw_model, dynamic=False) if use_compile else raw_model
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters from {start_path}, {config}")
 
-    # ---------------------------------------------------------------- optimizers
-    # The split: every matrix inside the transformer blocks goes to Muon; the embedding, the
-    # (tied) head, all norm weights and anything 1-D go to AdamW. --optimizer adamw: all AdamW.
-    # Fresh optimizer state: pretraining's momentum belongs to another objective.
+    # ---------------------------------------------------------------- the split and the two optimizers
+    # Every matrix inside the transformer blocks goes to Muon (DistMuon under torchrun); the
+    # embedding, the (tied) head, all norm weights and anything 1-D go to AdamW, which decays only
+    # its matrices. --optimizer adamw: AdamW for everything, the baseline. Fresh optimizer state:
+    # pretraining's momentum belongs to another objective.
     muon_params, adamw_params = split_params(raw_model)
     print0(split_summary(raw_model, muon_params, adamw_params))
     if args.optimizer == "adamw":
         muon_params, adamw_params = [], muon_params + adamw_params
-    muon_opt, adamw_opt = make_optimizers(muon_params, adamw_params, args, world_size, device)
+    muon_opt = (DistMuon if world_size > 1 else Muon)(
+        muon_params, lr=args.lr_muon, momentum=args.momentum, weight_decay=args.weight_decay,
+        ns_coefficients=args.ns_coefficients, normuon=args.normuon, beta2=args.normuon_beta2,
+        cautious_wd=args.cautious_wd) if muon_params else None
+    adamw_opt = torch.optim.AdamW([dict(params=[p for p in adamw_params if p.ndim >= 2], weight_decay=args.weight_decay),
+                                   dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
+                                  lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if args.dtype == "float16" else None
     step = 0
     if args.resume:
@@ -153,21 +187,26 @@ def main():
                 "stage": STAGE, "step": step, "model": raw_model.state_dict(),
                 "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_opt.state_dict(),
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
-                "world_size": world_size, "tokenizer_path": tok.name, "tokenizer_fingerprint": tok.fingerprint,
-                "init_from": args.init_from, **metrics})
+                "world_size": world_size, "init_from": args.init_from, "tokenizer_path": tok.name,
+                "tokenizer_fingerprint": tok.fingerprint, **metrics})
 
     # ---------------------------------------------------------------- loop
-    # Ctrl-C or a scheduler's SIGTERM: finish the step, save, exit; --resume continues exactly.
-    interrupted = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: interrupted.append(True))
+    interrupted = catch_interrupts()  # Ctrl-C or SIGTERM: save at the next logged step, exit
     logger = MetricsLogger(args, STAGE, rank, resume=args.resume)
     flops_per_token, peak = raw_model.flops_per_token(), peak_flops(device)
-    t_start, start_step = time.time(), step
+
+    def is_logged(step):  # the host waits for the GPU only on these steps
+        return (step % args.log_interval == 0 or step == total_steps or step % args.eval_interval == 0
+                or (args.save_interval and step % args.save_interval == 0))
+
+    t_start, start_step, skipped = time.time(), step, 0
+    t_log, step_log, history, muon_ms = t_start, step, [], None
     while True:
-        last = step == total_steps
+        last = step >= total_steps
         if step % args.eval_interval == 0 or last:
             metrics = {"val_loss": evaluate(model, val_encoded, args, rank, world_size, device, ctx, tok.pad_id)}
+            if not math.isfinite(metrics["val_loss"]):
+                die(f"val loss is {metrics['val_loss']} at step {step}; stopping (the last checkpoint is intact)")
             console = f"step {step:5d} | val loss {metrics['val_loss']:.4f}"
             if questions:
                 metrics["answer_acc"], n = answer_accuracy(raw_model, tok, questions, device, ctx, rank, world_size)
@@ -180,74 +219,84 @@ def main():
         if last:
             break
 
-        lr_muon, lr_adamw, momentum = schedules(step, total_steps, args, muon_opt, adamw_opt)
+        # the two schedules: each optimizer its own warmup + cosine, and Muon's momentum
+        lr_muon = cosine_lr(step, total_steps, args.lr_muon, args.warmup_steps, args.min_lr_ratio)
+        lr_adamw = cosine_lr(step, total_steps, args.lr_adamw, args.warmup_steps, args.min_lr_ratio)
+        momentum = muon_momentum(step, total_steps, args)
+        for group in muon_opt.param_groups if muon_opt is not None else []:
+            group["lr"], group["momentum"] = lr_muon, momentum
+        for group in adamw_opt.param_groups:
+            group["lr"] = lr_adamw
 
-        t0 = time.time()
-        sums = torch.zeros(2, device=device)  # loss, non-padding tokens
+        # forward and backward over accumulation_steps micro-batches
+        stats = torch.zeros(2, device=device)  # loss, non-padding tokens
         for _ in range(args.accumulation_steps):
             x, y, mask = train_loader.next_batch()
+            if device.type == "cuda":  # pinned memory lets the copy run without stalling the host
+                x, y, mask = x.pin_memory(), y.pin_memory(), mask.pin_memory()
             x, y, mask = (t.to(device, non_blocking=True) for t in (x, y, mask))
             with ctx:
                 _, loss = model(x, y, loss_mask=mask)  # mean over assistant tokens only
             loss = loss / args.accumulation_steps
             (scaler.scale(loss) if scaler else loss).backward()
-            sums += torch.stack([loss.detach(), (y != -1).sum().float()])
-        if world_size > 1:  # log the global batch's loss; every rank then agrees on a NaN too
-            dist.all_reduce(sums, op=dist.ReduceOp.AVG)
-        lossf, n_tokens = sums.tolist()
-        n_tokens *= world_size
-        if not math.isfinite(lossf):
-            die(f"loss is {lossf} at step {step}; stopping (the last checkpoint in {args.out_dir} is intact). "
-                f"Try a lower --lr_muon/--lr_adamw or --dtype bfloat16/float32.")
+            stats += torch.stack([loss.detach(), (y != -1).sum() * world_size])  # all ranks' tokens after the AVG
+        if world_size > 1:  # log the global batch's numbers; every rank then agrees on a NaN too
+            dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+        history.append(stats)
 
-        # gradients: AdamW's averaged over ranks here, Muon's inside DistMuon; then one global clip
+        # gradients: averaged over ranks (AdamW's here, Muon's inside DistMuon), one global clip,
+        # both optimizer steps. fp16 skips a step whose gradient overflowed (the only host sync here).
         if scaler:
             scaler.unscale_(adamw_opt)
             if muon_opt is not None:
                 scaler.unscale_(muon_opt)
-        pending = sync_grads(adamw_params, world_size)
-        if muon_opt is not None and world_size > 1:
-            muon_opt.reduce_grads()  # launch Muon's reduce-scatter so it overlaps the all-reduce
-        for work in pending:
-            work.wait()
-        grad_norm, clip_scale = clip_grads(muon_opt, muon_params, adamw_params, args.grad_clip, world_size)
-        if math.isfinite(grad_norm):
+        sync_grads(adamw_params, muon_opt, world_size)
+        grad_norm, clip = clip_grads(muon_opt, muon_params, adamw_params, args.grad_clip, world_size)
+        timed = muon_opt is not None and is_logged(step + 1)
+        if scaler and not math.isfinite(grad_norm.item()):
+            skipped += 1
+            muon_ms = None if timed else muon_ms
+        else:
+            t_muon = sync_time(device) if timed else 0.0
             if muon_opt is not None:
-                muon_opt.step(grad_scale=clip_scale)
+                muon_opt.step(grad_scale=clip)
+            muon_ms = (sync_time(device) - t_muon) * 1e3 if timed else muon_ms
             adamw_opt.step()
-        elif not scaler:
-            die(f"gradient norm is {grad_norm} at step {step}; stopping (the last checkpoint is intact)")
         if scaler:
-            scaler.update()  # an inf/nan gradient (fp16 overflow) skipped both steps above
+            scaler.update()
         if muon_opt is not None:
             muon_opt.zero_grad(set_to_none=True)
         adamw_opt.zero_grad(set_to_none=True)
         step += 1
+        if not is_logged(step):
+            continue
 
-        if step % args.log_interval == 0 or step == total_steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            tok_per_s = n_tokens / dt  # non-padding tokens of all ranks
-            mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
-            eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
-            row = {"step": step, "loss": lossf, "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
-                   "momentum": momentum if muon_opt else None,
-                   "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu,
-                   "examples": step * examples_per_step, "elapsed_s": time.time() - t_start}
-            logger.log(row, f"step {step:5d}/{total_steps} | loss {lossf:.4f} | lr_muon {lr_muon:.2e} | "
-                            f"lr_adamw {lr_adamw:.2e} | momentum {momentum:.3f} | grad norm {grad_norm:.3f} | "
-                            f"{tok_per_s:,.0f} tok/s"
-                            + (f" | MFU {mfu:.1%}" if mfu else "") + f" | ETA {format_eta(eta)}")
-
-        stop = torch.tensor(float(bool(interrupted)), device=device)
-        if world_size > 1:  # every rank must agree to stop at the same step
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        if stop.item() and step < total_steps:
+        # ---- logged step: the losses since the last one, a log row, maybe stop
+        losses = torch.stack(history)[:, 0].tolist()
+        if not all(map(math.isfinite, losses)):
+            bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
+            die(f"loss is {losses[bad]} at step {step_log + bad}; stopping (the last checkpoint in {args.out_dir} "
+                f"is intact). Try a lower --lr_muon/--lr_adamw or --dtype bfloat16/float32.")
+        dt = (time.time() - t_log) / (step - step_log)
+        tok_per_s = torch.stack(history)[:, -1].sum().item() / (dt * (step - step_log))  # non-padding tokens
+        mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
+        eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
+        row = {"step": step, "loss": losses[-1], "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
+               "momentum": momentum if muon_opt else None, "grad_norm": grad_norm.item(),
+               "tok_per_s": tok_per_s, "mfu": mfu, "mem_gb": memory_gb(device), "muon_ms": muon_ms,
+               "step_ms": dt * 1e3, "skipped_steps": skipped, "examples": step * examples_per_step,
+               "elapsed_s": time.time() - t_start}
+        logger.log(row, f"step {step:5d}/{total_steps} | loss {losses[-1]:.4f} | lr_muon {lr_muon:.2e} | "
+                        f"lr_adamw {lr_adamw:.2e} | momentum {momentum:.3f} | grad norm {row['grad_norm']:.3f} | "
+                        f"{tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
+                        + f" | mem {row['mem_gb']:.2f} GB" + (f" | muon {muon_ms:.1f}/{dt * 1e3:.0f} ms" if muon_ms else "")
+                        + (f" | {skipped} skipped (fp16 overflow)" if skipped else "") + f" | ETA {format_eta(eta)}")
+        t_log, step_log, history, muon_ms = time.time(), step, [], None
+        if any_rank(bool(interrupted), device, world_size) and step < total_steps:
             save(step, metrics)
             print0(f"interrupted: saved step {step} to {ckpt_path}; run again with --resume to continue")
             cleanup_distributed()
-            return
+            sys.exit(EXIT_INTERRUPTED)
 
     print0(f"done: {total_steps} steps in {time.time() - t_start:.0f}s, val loss {metrics['val_loss']:.4f}"
            + (f", answer accuracy {metrics['answer_acc']:.1%}" if "answer_acc" in metrics else "")

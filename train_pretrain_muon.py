@@ -3,32 +3,33 @@
     python train_pretrain_muon.py                                   # CPU demo on the embedded corpus
     torchrun --nproc_per_node 8 train_pretrain_muon.py --hidden_size 768 --num_hidden_layers 12 ...
 
-Reads top to bottom: config -> distributed init -> data -> model -> optimizers -> schedules ->
-loop (forward, backward, accumulation, sync, clip, both optimizer steps) -> eval -> checkpoint.
+Reads top to bottom: flags -> data -> model -> the Muon/AdamW split -> the two optimizers -> the two
+schedules -> loop (forward, backward, accumulation, gradient sync, clip, both steps) -> eval -> save.
 """
 import math
 import os
 import resource
-import signal
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from common import (MetricsLogger, check_model_matches, cleanup_distributed, clip_grads,
-                    die, format_eta, load_checkpoint, make_optimizers, peak_flops, print0, rng_state,
-                    save_checkpoint, schedules, set_rng_state, setup_run, sync_grads, train_arg_parser)
+from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, catch_interrupts, check_model_matches, check_resume,
+                    cleanup_distributed, clip_grads, die, format_eta, load_checkpoint, lock_out_dir, peak_flops,
+                    print0, rng_state, save_checkpoint, set_rng_state, setup_run, sync_grads, total_steps_of,
+                    train_arg_parser)
 from data.loaders import TokenWindowLoader, eval_batches
-from data.prepare import ensure_prepared, prepare_files
+from data.prepare import prepare_source
 from data.readers import DataError
 from data.tokenizer import load_tokenizer
 from model import GPT, ModelConfig, split_params, split_summary
+from muon import DistMuon, Muon
 
 STAGE = "pretrain"
 DEFAULT_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                      max_seq_len=256)  # 3.2M parameters on the embedded corpus: a CPU demo in minutes
 ROOT = os.path.dirname(os.path.abspath(__file__))
-EMBEDDED = os.path.join(ROOT, "data", "embedded")
 
 
 def parse_args():
@@ -41,27 +42,34 @@ def parse_args():
     return p.parse_args()
 
 
+def cosine_lr(step: int, total_steps: int, peak: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to min_lr_ratio * peak at total_steps."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def muon_momentum(step: int, total_steps: int, args) -> float:
+    """--momentum, ramped up from --momentum_start over the first --momentum_warmup_steps and back
+    down over the last --momentum_cooldown_steps (modded-nanogpt warms it from 0.85 to 0.95: a
+    fresh model's gradients change fast, and a shorter memory follows them)."""
+    m = args.momentum
+    if step < args.momentum_warmup_steps:
+        m = args.momentum_start + (m - args.momentum_start) * step / args.momentum_warmup_steps
+    if total_steps - step < args.momentum_cooldown_steps:
+        m = args.momentum_start + (m - args.momentum_start) * (total_steps - step) / args.momentum_cooldown_steps
+    return m
+
+
 def resolve_data(data_path, rank, world_size):
-    """A prepared directory (meta.json, train.bin, val.bin, tokenizer.json); a raw .txt/.jsonl/.parquet
-    file or folder is prepared once into data/prepared/<name>; nothing means the embedded corpus."""
-    if data_path is None:
-        out = EMBEDDED
-    elif os.path.isdir(data_path) and os.path.exists(os.path.join(data_path, "meta.json")):
-        return data_path
-    elif os.path.exists(data_path):
-        out = os.path.join(ROOT, "data", "prepared", os.path.splitext(os.path.basename(data_path.rstrip("/")))[0])
-    else:
-        raise DataError(f"--data_path {data_path}: no such file or directory")
-    if rank == 0:
-        if data_path is None:
-            ensure_prepared(out)
-        elif not os.path.exists(os.path.join(out, "meta.json")):
-            print0(f"preparing {data_path} into {out} (first run only; for another vocabulary size run "
-                   f"data/prepare.py yourself)...")
-            prepare_files(out, pretrain_path=data_path)
+    """A prepared directory; a raw .txt/.jsonl/.parquet file or folder, prepared once into
+    data/prepared/<name>-<hash of its content>; nothing means the embedded corpus."""
+    out = [prepare_source(data_path, os.path.join(ROOT, "data", "prepared"), os.path.join(ROOT, "data", "embedded"))
+           if rank == 0 else None]
     if world_size > 1:
-        dist.barrier()
-    return out
+        dist.broadcast_object_list(out, src=0)  # the other ranks get the directory without hashing the source
+    return out[0]
 
 
 @torch.no_grad()
@@ -69,8 +77,7 @@ def evaluate(model, val_path, batch_size, args, rank, world_size, device, ctx):
     """Mean loss over a fixed set of val windows, averaged over ranks."""
     model.eval()
     total, count = torch.zeros((), device=device), 0
-    for x, y in eval_batches(val_path, batch_size, args.max_seq_len, args.eval_iters * world_size,
-                             rank, world_size):
+    for x, y in eval_batches(val_path, batch_size, args.max_seq_len, args.eval_iters * world_size, rank, world_size):
         with ctx:
             _, loss = model(x.to(device), y.to(device))
         total += loss.float()
@@ -97,7 +104,7 @@ def memory_gb(device):
 def main():
     args = parse_args()
     rank, world_size, device, ctx, use_compile = setup_run(args)
-
+    lock = lock_out_dir(args.out_dir, STAGE, rank)  # noqa: F841 (held until exit)
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     # --init_from: continue pretraining from another run's weights, with fresh optimizers
@@ -117,26 +124,20 @@ def main():
         if val_windows < world_size:
             raise DataError(f"{val_path}: too short for one window of {args.max_seq_len} tokens per process")
         eval_batch_size = min(args.batch_size, val_windows // world_size)  # a small val set still evaluates
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, ValueError) as e:
         die(str(e))
     tokens_per_step = args.batch_size * args.max_seq_len * args.accumulation_steps * world_size
-    if args.max_steps:
-        total_steps = args.max_steps
-    elif args.epochs:
-        total_steps = math.ceil(args.epochs * train_loader.num_tokens / tokens_per_step)
-    else:
-        die("set --max_steps or --epochs")
+    total_steps = total_steps_of(args, train_loader.num_tokens / tokens_per_step)
     print0(f"data: {data_dir} ({train_loader.num_tokens:,} train tokens, vocab {tok.vocab_size}); "
            f"{tokens_per_step:,} tokens per step, {total_steps} steps "
            f"({total_steps * tokens_per_step / train_loader.num_tokens:.2f} epochs)")
 
     # ---------------------------------------------------------------- model
-    if init is not None:
-        check_model_matches(init, args, tok.fingerprint, args.init_from)
+    for c, path in ((init, args.init_from), (ckpt, ckpt_path)):
+        if c is not None:
+            check_model_matches(c, args, tok.fingerprint, path)
     if ckpt is not None:
-        check_model_matches(ckpt, args, tok.fingerprint, ckpt_path)
-        if ckpt["args"]["optimizer"] != args.optimizer:
-            die(f"{ckpt_path} was trained with --optimizer {ckpt['args']['optimizer']}; resume with the same")
+        check_resume(ckpt, ckpt_path, STAGE, args, total_steps)
     try:
         config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden_size,
                              num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
@@ -147,19 +148,26 @@ def main():
     if ckpt is not None or init is not None:
         raw_model.load_state_dict((ckpt or init)["model"])
     del init
-    # static shapes: the step-0 eval can use a smaller batch than training (a small val set), and
-    # dynamo's automatic dynamic shapes then compiled the training graph with a symbolic batch size
+    # static shapes: an eval batch smaller than the training batch must not recompile the
+    # training graph with a symbolic batch size
     model = torch.compile(raw_model, dynamic=False) if use_compile else raw_model
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {config}")
 
-    # ---------------------------------------------------------------- optimizers
-    # The split: every matrix inside the transformer blocks goes to Muon; the embedding, the
-    # (tied) head, all norm weights and anything 1-D go to AdamW. --optimizer adamw: all AdamW.
+    # ---------------------------------------------------------------- the split and the two optimizers
+    # Every matrix inside the transformer blocks goes to Muon (DistMuon under torchrun); the
+    # embedding, the (tied) head, all norm weights and anything 1-D go to AdamW, which decays only
+    # its matrices. --optimizer adamw: AdamW for everything, the baseline.
     muon_params, adamw_params = split_params(raw_model)
     print0(split_summary(raw_model, muon_params, adamw_params))
     if args.optimizer == "adamw":
         muon_params, adamw_params = [], muon_params + adamw_params
-    muon_opt, adamw_opt = make_optimizers(muon_params, adamw_params, args, world_size, device)
+    muon_opt = (DistMuon if world_size > 1 else Muon)(
+        muon_params, lr=args.lr_muon, momentum=args.momentum, weight_decay=args.weight_decay,
+        ns_coefficients=args.ns_coefficients, normuon=args.normuon, beta2=args.normuon_beta2,
+        cautious_wd=args.cautious_wd) if muon_params else None
+    adamw_opt = torch.optim.AdamW([dict(params=[p for p in adamw_params if p.ndim >= 2], weight_decay=args.weight_decay),
+                                   dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
+                                  lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if args.dtype == "float16" else None
     step = 0
     if ckpt is not None:
@@ -180,14 +188,12 @@ def main():
                 "stage": STAGE, "step": step, "model": raw_model.state_dict(),
                 "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_opt.state_dict(),
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
-                "world_size": world_size, "val_loss": val_loss,
-                "tokenizer_path": os.path.abspath(os.path.join(data_dir, "tokenizer.json")), "tokenizer_fingerprint": tok.fingerprint})
+                "world_size": world_size, "val_loss": val_loss, "init_from": args.init_from,
+                "tokenizer_path": os.path.abspath(os.path.join(data_dir, "tokenizer.json")),
+                "tokenizer_fingerprint": tok.fingerprint})
 
     # ---------------------------------------------------------------- loop
-    # Ctrl-C or a scheduler's SIGTERM: save at the next logged step and exit; --resume continues exactly.
-    interrupted = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: interrupted.append(True))
+    interrupted = catch_interrupts()  # Ctrl-C or SIGTERM: save at the next logged step, exit
     logger = MetricsLogger(args, STAGE, rank, resume=args.resume)
     flops_per_token, peak = raw_model.flops_per_token(), peak_flops(device)
 
@@ -195,10 +201,10 @@ def main():
         return (step % args.log_interval == 0 or step == total_steps or step % args.eval_interval == 0
                 or (args.save_interval and step % args.save_interval == 0))
 
-    t_start, start_step, val_loss = time.time(), step, None
-    t_log, step_log, losses = t_start, step, []
+    t_start, start_step, val_loss, skipped = time.time(), step, None, 0
+    t_log, step_log, history, muon_ms = t_start, step, [], None
     while True:
-        last = step == total_steps
+        last = step >= total_steps
         if step % args.eval_interval == 0 or last:
             val_loss = evaluate(model, val_path, eval_batch_size, args, rank, world_size, device, ctx)
             if not math.isfinite(val_loss):
@@ -212,9 +218,17 @@ def main():
         if last:
             break
 
-        lr_muon, lr_adamw, momentum = schedules(step, total_steps, args, muon_opt, adamw_opt)
+        # the two schedules: each optimizer its own warmup + cosine, and Muon's momentum
+        lr_muon = cosine_lr(step, total_steps, args.lr_muon, args.warmup_steps, args.min_lr_ratio)
+        lr_adamw = cosine_lr(step, total_steps, args.lr_adamw, args.warmup_steps, args.min_lr_ratio)
+        momentum = muon_momentum(step, total_steps, args)
+        for group in muon_opt.param_groups if muon_opt is not None else []:
+            group["lr"], group["momentum"] = lr_muon, momentum
+        for group in adamw_opt.param_groups:
+            group["lr"] = lr_adamw
 
-        loss_sum = torch.zeros((), device=device)
+        # forward and backward over accumulation_steps micro-batches
+        stats = torch.zeros(1, device=device)  # loss
         for _ in range(args.accumulation_steps):
             x, y = train_loader.next_batch()
             if device.type == "cuda":  # pinned memory lets the copy run without stalling the host
@@ -224,33 +238,31 @@ def main():
                 _, loss = model(x, y)
             loss = loss / args.accumulation_steps
             (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += loss.detach()
-        if world_size > 1:  # log the global batch's loss; every rank then agrees on a NaN too
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        losses.append(loss_sum)
+            stats += loss.detach()
+        if world_size > 1:  # log the global batch's numbers; every rank then agrees on a NaN too
+            dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+        history.append(stats)
 
-        # gradients: AdamW's averaged over ranks here, Muon's inside DistMuon; then one global clip
+        # gradients: averaged over ranks (AdamW's here, Muon's inside DistMuon), one global clip,
+        # both optimizer steps. fp16 skips a step whose gradient overflowed (the only host sync here).
         if scaler:
             scaler.unscale_(adamw_opt)
             if muon_opt is not None:
                 scaler.unscale_(muon_opt)
-        pending = sync_grads(adamw_params, world_size)
-        if muon_opt is not None and world_size > 1:
-            muon_opt.reduce_grads()  # launch Muon's reduce-scatter so it overlaps the all-reduce
-        for work in pending:
-            work.wait()
-        # fp16 must see the norm now, to skip a step with an inf gradient; otherwise stay asynchronous
-        grad_norm, clip_scale = clip_grads(muon_opt, muon_params, adamw_params, args.grad_clip, world_size,
-                                           sync=scaler is not None)
-        timed = muon_opt is not None and is_logged(step + 1)  # time the Muon step on logged steps only
-        if not scaler or math.isfinite(grad_norm):
+        sync_grads(adamw_params, muon_opt, world_size)
+        grad_norm, clip = clip_grads(muon_opt, muon_params, adamw_params, args.grad_clip, world_size)
+        timed = muon_opt is not None and is_logged(step + 1)
+        if scaler and not math.isfinite(grad_norm.item()):
+            skipped += 1
+            muon_ms = None if timed else muon_ms
+        else:
             t_muon = sync_time(device) if timed else 0.0
             if muon_opt is not None:
-                muon_opt.step(grad_scale=clip_scale)
-            muon_ms = (sync_time(device) - t_muon) * 1e3 if timed else None
+                muon_opt.step(grad_scale=clip)
+            muon_ms = (sync_time(device) - t_muon) * 1e3 if timed else muon_ms
             adamw_opt.step()
         if scaler:
-            scaler.update()  # an inf/nan gradient (fp16 overflow) skipped both steps above
+            scaler.update()
         if muon_opt is not None:
             muon_opt.zero_grad(set_to_none=True)
         adamw_opt.zero_grad(set_to_none=True)
@@ -258,38 +270,32 @@ def main():
         if not is_logged(step):
             continue
 
-        # ---- logged step: look at the losses since the last one, log, maybe stop
-        recent = torch.stack(losses).tolist()
-        bad = [i for i, v in enumerate(recent) if not math.isfinite(v)]
-        if bad:
-            die(f"loss is {recent[bad[0]]} at step {step_log + bad[0]}; stopping (the last checkpoint in "
-                f"{args.out_dir} is intact). Try a lower --lr_muon/--lr_adamw or --dtype bfloat16/float32.")
+        # ---- logged step: the losses since the last one, a log row, maybe stop
+        losses = torch.stack(history)[:, 0].tolist()
+        if not all(map(math.isfinite, losses)):
+            bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
+            die(f"loss is {losses[bad]} at step {step_log + bad}; stopping (the last checkpoint in {args.out_dir} "
+                f"is intact). Try a lower --lr_muon/--lr_adamw or --dtype bfloat16/float32.")
         dt = (time.time() - t_log) / (step - step_log)
         tok_per_s = tokens_per_step / dt
         mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
         eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
-        grad_norm = float(grad_norm)
-        row = {"step": step, "loss": recent[-1], "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
-               "momentum": momentum if muon_opt else None,
-               "grad_norm": grad_norm, "tok_per_s": tok_per_s, "mfu": mfu, "mem_gb": memory_gb(device),
-               "muon_ms": muon_ms, "step_ms": dt * 1e3, "tokens": step * tokens_per_step,
+        row = {"step": step, "loss": losses[-1], "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
+               "momentum": momentum if muon_opt else None, "grad_norm": grad_norm.item(),
+               "tok_per_s": tok_per_s, "mfu": mfu, "mem_gb": memory_gb(device), "muon_ms": muon_ms,
+               "step_ms": dt * 1e3, "skipped_steps": skipped, "tokens": step * tokens_per_step,
                "elapsed_s": time.time() - t_start}
-        logger.log(row, f"step {step:5d}/{total_steps} | loss {recent[-1]:.4f} | lr_muon {lr_muon:.2e} | "
-                        f"lr_adamw {lr_adamw:.2e} | momentum {momentum:.3f} | grad norm {grad_norm:.3f} | "
-                        f"{tok_per_s:,.0f} tok/s"
-                        + (f" | MFU {mfu:.1%}" if mfu else "") + f" | mem {row['mem_gb']:.2f} GB"
-                        + (f" | muon {muon_ms:.1f}/{dt * 1e3:.0f} ms" if muon_ms else "")
-                        + f" | ETA {format_eta(eta)}")
-        t_log, step_log, losses = time.time(), step, []
-
-        stop = torch.tensor(float(bool(interrupted)), device=device)
-        if world_size > 1:  # every rank must agree to stop at the same step
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        if stop.item() and step < total_steps:
+        logger.log(row, f"step {step:5d}/{total_steps} | loss {losses[-1]:.4f} | lr_muon {lr_muon:.2e} | "
+                        f"lr_adamw {lr_adamw:.2e} | momentum {momentum:.3f} | grad norm {row['grad_norm']:.3f} | "
+                        f"{tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
+                        + f" | mem {row['mem_gb']:.2f} GB" + (f" | muon {muon_ms:.1f}/{dt * 1e3:.0f} ms" if muon_ms else "")
+                        + (f" | {skipped} skipped (fp16 overflow)" if skipped else "") + f" | ETA {format_eta(eta)}")
+        t_log, step_log, history, muon_ms = time.time(), step, [], None
+        if any_rank(bool(interrupted), device, world_size) and step < total_steps:
             save(step, val_loss)
             print0(f"interrupted: saved step {step} to {ckpt_path}; run again with --resume to continue")
             cleanup_distributed()
-            return
+            sys.exit(EXIT_INTERRUPTED)
 
     print0(f"done: {total_steps} steps in {time.time() - t_start:.0f}s, val loss {val_loss:.4f}, "
            f"checkpoint {ckpt_path}")
@@ -297,9 +303,10 @@ def main():
         raw_model.eval()
         idx = torch.tensor([[tok.bos_id] + tok.encode(args.sample_prompt)], device=device)
         n = min(48, config.max_seq_len - idx.size(1))
-        with ctx:
-            out = raw_model.generate(idx, n, temperature=0.8, top_k=40, eos_id=tok.eos_id)
-        print0(f"sample: {tok.decode(out[0, 1:].tolist())!r}")
+        if n > 0:
+            with ctx:
+                out = raw_model.generate(idx, n, temperature=0.8, top_k=40, eos_id=tok.eos_id)
+            print0(f"sample: {tok.decode(out[0, 1:].tolist())!r}")
     logger.finish()
     cleanup_distributed()
 

@@ -130,9 +130,11 @@ def test_newton_schulz_does_not_depend_on_the_scale_of_its_input(coefficients):
     # scale, over norms from ~1e-5 to ~1e12 (fp32 gradients of any size a run survives).
     G = spectral_input((2, 48, 80), lo=0.1, seed=2)
     ref = zeropower_via_newtonschulz5(G, 5, coefficients).float()
+    # bf16 rounds G and G * scale differently, and Polar Express's large first coefficients amplify
+    # that to ~5% of the output; a wrong power of the norm would be off by orders of magnitude
     for scale in (1e-5, 1e-2, 1e3, 1e7, 1e12):
         O = zeropower_via_newtonschulz5(G * scale, 5, coefficients).float()
-        assert (O - ref).norm() <= 0.05 * ref.norm(), (scale, ((O - ref).norm() / ref.norm()).item())
+        assert (O - ref).norm() <= BF16_REL * ref.norm(), (scale, ((O - ref).norm() / ref.norm()).item())
 
 
 def test_newton_schulz_rejects_vectors():
@@ -242,7 +244,7 @@ def test_normuon_and_cautious_weight_decay_equal_the_reference_math():
             # of an entry near zero and with it the mask; compare where the sign is unambiguous
             sure = N.abs() > 0.05 * N.abs().max()
             err = ((params[i].detach().double() - expected) * sure).norm() / (update * sure).norm()
-            assert err < 0.02, (i, err.item())
+            assert err < 0.03, (i, err.item())
             # bf16 rounding of O moves single rows' mean squares by a few %; a wrong beta2 or axis by far more
             torch.testing.assert_close(opt.state[params[i]]["second_moment"].double(), vs[i], rtol=0.1, atol=0)
     assert decayed_somewhere and kept_somewhere
@@ -325,6 +327,18 @@ def test_muon_state_dict_round_trip_continues_the_same_trajectory(options, tmp_p
                           state=state, options=OPTIONS[options])
     for a, b in zip(full, resumed):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_muon_keeps_each_groups_weights_in_one_stack_the_parameters_view():
+    params = make_params()
+    ids, shapes = [id(p) for p in params], [p.shape for p in params]
+    _, opt = run_muon(1, params=params)
+    assert [id(p) for p in params] == ids and [p.shape for p in params] == shapes
+    group = params[:5]  # the five (16, 32) matrices of the first param group
+    start = group[0].data_ptr()
+    assert [p.data_ptr() for p in group] == [start + i * 16 * 32 * 4 for i in range(5)]
+    bufs = [opt.state[p]["momentum_buffer"] for p in group]
+    assert [b.data_ptr() for b in bufs] == [bufs[0].data_ptr() + i * 16 * 32 * 4 for i in range(5)]
 
 
 def test_muon_updates_weights_whose_data_was_replaced():

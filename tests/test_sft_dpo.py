@@ -9,13 +9,14 @@ import sys
 import pytest
 import torch
 
-from common import make_optimizers, save_checkpoint, train_arg_parser
+from common import save_checkpoint
 from data.chat import render_conversation
 from data.loaders import collate_dpo, collate_sft, encode_dpo
 from data.prepare import prepare_default
 from data.tokenizer import load_tokenizer
 from data.readers import read_dpo_jsonl
 from model import GPT, ModelConfig, split_params
+from muon import Muon
 from train_dpo_muon import dpo_loss, pair_logps, sequence_logps
 from conftest import run_finished_script
 
@@ -84,9 +85,8 @@ def test_a_few_muon_dpo_steps_raise_the_margin_of_the_trained_pairs(data_dir):
                              num_key_value_heads=1, max_seq_len=160))
     ref = GPT(policy.config).requires_grad_(False)
     ref.load_state_dict(policy.state_dict())
-    args = train_arg_parser("test").parse_args(["--lr_muon", "0.02", "--lr_adamw", "3e-3", "--momentum", "0.85"])
     muon_params, adamw_params = split_params(policy)
-    muon_opt, adamw_opt = make_optimizers(muon_params, adamw_params, args, 1, torch.device("cpu"))
+    muon_opt, adamw_opt = Muon(muon_params, lr=0.02, momentum=0.85), torch.optim.AdamW(adamw_params, lr=3e-3)
     with torch.no_grad():
         ref_chosen, ref_rejected = pair_logps(ref, x, y, mask)
     losses = []
