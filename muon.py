@@ -28,11 +28,10 @@ of torch.optim.Muon) plus, with normuon, {"second_moment": the matrix view's sha
 averaged dim set to 1}. DistMuon gathers its ranks' slices before saving and keeps only its own
 after loading, so a state dict moves freely between Muon, DistMuon and any world size.
 
-Speed: same-shape parameters form one stack, so each shape is one batched Newton-Schulz, and
-their weights and state buffers are views into that stack (see `stacked`). On CUDA the step of
-each stack is one torch.compile'd graph whose hyperparameters enter as 0-D tensors (a schedule
-changes their values, never the graph), and Newton-Schulz takes the fast path of muon_fast.py (a
-Triton kernel for its symmetric products), which computes the same polynomial.
+Speed: same-shape parameters form one stack (one batched Newton-Schulz per shape) whose storage
+their weights and state buffers view (`stacked`). On CUDA each stack's step is one compiled graph
+whose hyperparameters enter as 0-D tensors, so schedules never recompile it, and Newton-Schulz
+takes muon_fast.py's Triton path, which computes the same polynomial.
 """
 import math
 
@@ -254,22 +253,6 @@ def compiled(fn, backend):
     return _compiled[(fn, backend)]
 
 
-def _defaults(**kw):
-    update_scale((1, 1), kw["adjust_lr"])  # validate the names early, not at the first step
-    newton_schulz_coefficients(kw["ns_coefficients"], kw["ns_steps"])
-    return kw
-
-
-def _check_params(param_groups):
-    for group in param_groups:
-        for p in group["params"]:
-            if p.ndim < 2:
-                raise ValueError(
-                    f"Muon only updates matrices (>=2-D parameters); got a {p.ndim}-D parameter of shape "
-                    f"{tuple(p.shape)}. Put biases, norm weights and other vectors/scalars in AdamW "
-                    f"(model.split_params does this).")
-
-
 class Muon(torch.optim.Optimizer):
     """Single-device Muon. Same-shape parameters are stacked so Newton-Schulz runs once per shape.
 
@@ -282,11 +265,16 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
                  adjust_lr="original", ns_coefficients="quintic", normuon=False, beta2=0.95, cautious_wd=False,
                  compile=None):
-        super().__init__(params, _defaults(
-            lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
-            adjust_lr=adjust_lr, ns_coefficients=ns_coefficients, normuon=normuon, beta2=beta2,
-            cautious_wd=cautious_wd))
-        _check_params(self.param_groups)
+        update_scale((1, 1), adjust_lr)  # unknown names fail here, not at the first step
+        newton_schulz_coefficients(ns_coefficients, ns_steps)
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      weight_decay=weight_decay, adjust_lr=adjust_lr, ns_coefficients=ns_coefficients,
+                                      normuon=normuon, beta2=beta2, cautious_wd=cautious_wd))
+        for p in (p for group in self.param_groups for p in group["params"]):
+            if p.ndim < 2:
+                raise ValueError(f"Muon only updates matrices (>=2-D parameters); got a {p.ndim}-D parameter of "
+                                 f"shape {tuple(p.shape)}. Put biases, norm weights and other vectors/scalars in "
+                                 f"AdamW (model.split_params does this).")
         self.compile = compile
 
     @torch.no_grad()
@@ -310,27 +298,22 @@ class Muon(torch.optim.Optimizer):
 class DistMuon(Muon):
     """Muon spread over the ranks of the default process group (NCCL or gloo); same options as Muon.
 
-    Every rank holds all weights and computes its own local gradients (no DDP wrapper: this
-    optimizer is what averages the Muon gradients). For each same-shape group of n matrices,
-    padded with zeros to a multiple of the world size W, rank r owns the slice
-    [r*n_pad/W, (r+1)*n_pad/W). One step is three phases:
+    Every rank holds all weights and its own local gradients; there is no DDP wrapper: this
+    optimizer averages the Muon gradients. Each same-shape group of n matrices, zero padded to a
+    multiple of the world size W, is split into W slices, and rank r owns slice r. A step:
 
-      1. reduce_grads: launch an async reduce-scatter (average) of every group's stacked gradients;
+      1. reduce_grads: an async reduce-scatter (average) of every group's stacked gradients;
       2. per group: wait for its slice; the owner runs momentum, Nesterov and Newton-Schulz (and
-         NorMuon) on it and launches an async all-gather of the bf16 updates, so this group's
-         compute overlaps the later groups' reduce-scatters and the earlier groups' all-gathers;
-      3. per group: wait for its updates; every rank applies decay and update to all its weights
-         (identical inputs and elementwise math keep the replicas identical).
+         NorMuon) and launches an async all-gather of the bf16 updates, so one group's compute
+         overlaps the other groups' collectives;
+      3. per group: wait for its updates; every rank applies them to all its weights (identical
+         inputs and elementwise math keep the replicas identical).
 
-    Optimizer state exists only for owned parameters: ~1/W of Muon's state per rank.
-
-    Gradient clipping: the norm to clip by is that of the *averaged* gradient, which for these
-    parameters exists only as the owners' slices after phase 1. grad_sq_sum() runs phase 1 and
-    waits for it, then sums the squares of the slices over ranks (one scalar all-reduce), and
-    step(grad_scale=...) scales the averaged slices. So with clipping on, every reduce-scatter has
-    finished before the first Newton-Schulz starts: only the all-gathers overlap compute.
-
-    state_dict() and load_state_dict() are collective: call them on every rank.
+    State exists only for owned parameters: ~1/W of Muon's per rank. Clipping needs the norm of the
+    *averaged* gradient, which exists only as the owners' slices: grad_sq_sum() runs phase 1, waits,
+    and sums the slices' squares over ranks, so with clipping on every reduce-scatter has finished
+    before the first Newton-Schulz and only the all-gathers overlap compute. state_dict() and
+    load_state_dict() are collective: call them on every rank.
     """
 
     def __init__(self, params, **options):
@@ -416,19 +399,17 @@ class DistMuon(Muon):
     def state_dict(self):
         """The full (gathered) state in Muon's format; collective, identical on every rank."""
         for group, params, per_rank, owned in self._groups():
-            for key in ("momentum_buffer", "second_moment") if group["normuon"] else ("momentum_buffer",):
-                have = torch.tensor(float(all(key in self.state[p] for p in owned)), device=params[0].device)
-                dist.all_reduce(have, op=dist.ReduceOp.MIN)  # saved only once every owner has stepped
-                if have.item() == 0:
-                    continue
-                blank = (torch.zeros_like(params[0]) if key == "momentum_buffer"  # for a rank that owns none
-                         else params[0].new_zeros(second_moment_shape(params[0]), dtype=torch.float32))
-                mine = self._padded_stack([self.state[p][key] for p in owned] or [blank], per_rank)[:per_rank]
-                full = mine.new_empty((per_rank * self.world_size, *mine.shape[1:]))
-                _all_gather(full, mine.contiguous())
+            mine = state_stacks(self.state, owned, group) if owned else (None, None)
+            for key, stack in zip(("momentum_buffer", "second_moment"), mine[:1 + group["normuon"]]):
+                shape = matrix_view(params[0]).shape if key == "momentum_buffer" else second_moment_shape(params[0])
+                dtype = params[0].dtype if key == "momentum_buffer" else torch.float32
+                part = params[0].new_zeros((per_rank, *shape), dtype=dtype)
+                if owned:
+                    part[:len(owned)] = stack
+                full = part.new_empty((per_rank * self.world_size, *shape))
+                _all_gather(full, part)
                 for i, p in enumerate(params):
-                    shape = p.shape if key == "momentum_buffer" else second_moment_shape(p)
-                    self.state[p][key] = full[i].view(shape).clone()
+                    self.state[p][key] = full[i].view(p.shape if key == "momentum_buffer" else shape).clone()
         sd = super().state_dict()
         self._drop_unowned_state()
         return sd
@@ -439,6 +420,5 @@ class DistMuon(Muon):
 
     def _drop_unowned_state(self):
         for _, params, _, owned in self._groups():
-            for p in params:
-                if all(p is not q for q in owned):
-                    self.state.pop(p, None)
+            for p in set(params) - set(owned):
+                self.state.pop(p, None)

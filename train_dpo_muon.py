@@ -156,12 +156,6 @@ def main():
     train_file, val_file, data_dir = resolve_chat_data(STAGE, args.data_path, rank, world_size)
     tok = load_checkpoint_tokenizer(ckpt, start_path, data_dir)
     check_model_matches(ckpt, args, tok.fingerprint, start_path)
-    if args.resume and os.path.abspath(ckpt.get("init_from") or "") != os.path.abspath(args.init_from):
-        die(f"{ckpt_path} was trained against the reference --init_from {ckpt.get('init_from')}, not "
-            f"{args.init_from}; resume with the same --init_from (the reference must not change mid-run)")
-    if init["model_config"] != ckpt["model_config"]:
-        die(f"{ckpt_path} and --init_from {args.init_from} have different model shapes; resume with the "
-            f"--init_from this run started from")
     config = ModelConfig(**ckpt["model_config"])
 
     # ---------------------------------------------------------------- data
@@ -187,6 +181,12 @@ def main():
     total_steps = total_steps_of(args, train_loader.batches_per_epoch / args.accumulation_steps)
     if args.resume:
         check_resume(ckpt, ckpt_path, STAGE, args, total_steps)
+        if os.path.abspath(ckpt.get("init_from") or "") != os.path.abspath(args.init_from):
+            die(f"{ckpt_path} was trained against the reference --init_from {ckpt.get('init_from')}, not "
+                f"{args.init_from}; resume with the same --init_from (the reference must not change mid-run)")
+        if init["model_config"] != ckpt["model_config"]:
+            die(f"{ckpt_path} and --init_from {args.init_from} have different model shapes; resume with the "
+                f"--init_from this run started from")
     pairs_per_step = args.batch_size * args.accumulation_steps * world_size
     print0(f"{pairs_per_step} pairs per step, {total_steps} steps "
            f"({total_steps * pairs_per_step / len(train_encoded):.2f} epochs), beta {args.beta}; "
@@ -220,14 +220,16 @@ def main():
                                    dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
                                   lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if args.dtype == "float16" else None
-    step = 0
+    step, skipped = 0, 0
     if args.resume:
         if muon_opt is not None:
             muon_opt.load_state_dict(ckpt["muon_opt"])
         adamw_opt.load_state_dict(ckpt["adamw_opt"])
         train_loader.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"], device)
-        step = ckpt["step"]
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
         print0(f"resumed {ckpt_path} at step {step} (saved by {ckpt['world_size']} process(es))")
     metrics = {k: ckpt[k] for k in ("val_loss", "val_reward_acc", "pref_acc", "answer_acc")
                if args.resume and k in ckpt}
@@ -240,6 +242,7 @@ def main():
             save_checkpoint(ckpt_path, {
                 "stage": STAGE, "step": step, "model": raw_model.state_dict(),
                 "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_opt.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "skipped_steps": skipped,
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
                 "world_size": world_size, "init_from": args.init_from, "tokenizer_path": tok.name,
                 "tokenizer_fingerprint": tok.fingerprint, **metrics})
@@ -253,7 +256,7 @@ def main():
         return (step % args.log_interval == 0 or step == total_steps or step % args.eval_interval == 0
                 or (args.save_interval and step % args.save_interval == 0))
 
-    t_start, start_step, skipped = time.time(), step, 0
+    t_start, start_step = time.time(), step
     t_log, step_log, history, muon_ms = t_start, step, [], None
     while True:
         last = step >= total_steps

@@ -167,14 +167,16 @@ def main():
                                    dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
                                   lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if args.dtype == "float16" else None
-    step = 0
+    step, skipped = 0, 0
     if args.resume:
         if muon_opt is not None:
             muon_opt.load_state_dict(ckpt["muon_opt"])
         adamw_opt.load_state_dict(ckpt["adamw_opt"])
         train_loader.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"], device)
-        step = ckpt["step"]
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
         print0(f"resumed {ckpt_path} at step {step} (saved by {ckpt['world_size']} process(es))")
     metrics = {k: ckpt[k] for k in ("val_loss", "answer_acc") if args.resume and k in ckpt}
     del ckpt
@@ -186,6 +188,7 @@ def main():
             save_checkpoint(ckpt_path, {
                 "stage": STAGE, "step": step, "model": raw_model.state_dict(),
                 "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_opt.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "skipped_steps": skipped,
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
                 "world_size": world_size, "init_from": args.init_from, "tokenizer_path": tok.name,
                 "tokenizer_fingerprint": tok.fingerprint, **metrics})
@@ -199,7 +202,7 @@ def main():
         return (step % args.log_interval == 0 or step == total_steps or step % args.eval_interval == 0
                 or (args.save_interval and step % args.save_interval == 0))
 
-    t_start, start_step, skipped = time.time(), step, 0
+    t_start, start_step = time.time(), step
     t_log, step_log, history, muon_ms = t_start, step, [], None
     while True:
         last = step >= total_steps

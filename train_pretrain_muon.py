@@ -169,14 +169,16 @@ def main():
                                    dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
                                   lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if args.dtype == "float16" else None
-    step = 0
+    step, skipped = 0, 0
     if ckpt is not None:
         if muon_opt is not None:
             muon_opt.load_state_dict(ckpt["muon_opt"])
         adamw_opt.load_state_dict(ckpt["adamw_opt"])
         train_loader.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"], device)
-        step = ckpt["step"]
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
         print0(f"resumed {ckpt_path} at step {step} (saved by {ckpt['world_size']} process(es))")
     del ckpt
 
@@ -187,6 +189,7 @@ def main():
             save_checkpoint(ckpt_path, {
                 "stage": STAGE, "step": step, "model": raw_model.state_dict(),
                 "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_opt.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None, "skipped_steps": skipped,
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
                 "world_size": world_size, "val_loss": val_loss, "init_from": args.init_from,
                 "tokenizer_path": os.path.abspath(os.path.join(data_dir, "tokenizer.json")),
@@ -201,7 +204,7 @@ def main():
         return (step % args.log_interval == 0 or step == total_steps or step % args.eval_interval == 0
                 or (args.save_interval and step % args.save_interval == 0))
 
-    t_start, start_step, val_loss, skipped = time.time(), step, None, 0
+    t_start, start_step, val_loss = time.time(), step, None
     t_log, step_log, history, muon_ms = t_start, step, [], None
     while True:
         last = step >= total_steps
