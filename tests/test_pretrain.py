@@ -21,7 +21,7 @@ TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_head
         "--num_key_value_heads", "2", "--max_seq_len", "64", "--batch_size", "8", "--eval_iters", "4",
         "--log_interval", "1", "--warmup_steps", "5", "--sample_prompt", "", "--lr_adamw", "3e-3"]
 COMPARED = ("loss", "lr_muon", "lr_adamw", "momentum", "grad_norm", "val_loss")
-# every Muon option of issue #9 at once, with weight decay for the cautious mask to act on
+# every Muon option at once, with weight decay for the cautious mask to act on
 ALL_OPTIONS = ["--ns_coefficients", "polar_express", "--normuon", "--cautious_wd", "--weight_decay", "0.1",
                "--momentum_warmup_steps", "10", "--momentum_cooldown_steps", "5"]
 
