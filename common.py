@@ -11,6 +11,7 @@ import gc
 import json
 import math
 import os
+import resource
 import sys
 import time
 
@@ -318,6 +319,20 @@ def peak_flops(device: torch.device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def sync_time(device) -> float:
+    """time.time() once the device has finished its queued work (the host runs ahead on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
+def memory_gb(device) -> float:
+    """Peak memory so far: allocated on the GPU, or the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
 def lock_out_dir(out_dir: str, stage: str, rank: int):

@@ -4,7 +4,6 @@ tiles on and above the diagonal. muon.py calls `newton_schulz` here when `enable
 `muon_fast.ENABLED = False` to run the plain path on CUDA too. Speed only: tests hold it equal
 to the plain path.
 """
-import torch
 from torch import Tensor
 
 try:  # ships with CUDA builds of torch; CPU tests run the kernel through Triton's interpreter

@@ -16,7 +16,6 @@ directory (its dpo_{train,val}.jsonl and sft_test.jsonl).
 """
 import math
 import os
-import resource
 import sys
 import time
 
@@ -26,8 +25,9 @@ import torch.nn.functional as F
 
 from common import (EXIT_INTERRUPTED, MetricsLogger, answer_accuracy, answer_questions, any_rank, catch_interrupts,
                     check_model_matches, check_resume, cleanup_distributed, clip_grads, die, format_eta,
-                    load_checkpoint, load_checkpoint_tokenizer, lock_out_dir, peak_flops, print0, resolve_chat_data,
-                    rng_state, save_checkpoint, set_rng_state, setup_run, split_val, sync_grads, total_steps_of,
+                    load_checkpoint, load_checkpoint_tokenizer, lock_out_dir, memory_gb, peak_flops, print0,
+                    resolve_chat_data, rng_state, save_checkpoint, set_rng_state, setup_run, split_val, sync_grads,
+                    sync_time, total_steps_of,
                     train_arg_parser, warn)
 from data.loaders import DPOLoader, collate_dpo, encode_dpo
 from data.readers import DataError, read_dpo_jsonl
@@ -127,18 +127,6 @@ def evaluate(model, ref_model, val_encoded, args, rank, world_size, device, ctx,
         dist.all_reduce(totals)
     loss, reward_wins, pref_wins, pairs = totals.tolist()
     return {"val_loss": loss / pairs, "val_reward_acc": reward_wins / pairs, "pref_acc": pref_wins / pairs}
-
-
-def sync_time(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.time()
-
-
-def memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
 def main():

@@ -14,7 +14,6 @@ the end, so the gain over the pretrained model is visible. --data_path: a .jsonl
 """
 import math
 import os
-import resource
 import sys
 import time
 
@@ -23,8 +22,9 @@ import torch.distributed as dist
 
 from common import (EXIT_INTERRUPTED, MetricsLogger, answer_accuracy, answer_questions, any_rank, catch_interrupts,
                     check_model_matches, check_resume, cleanup_distributed, clip_grads, die, format_eta,
-                    load_checkpoint, load_checkpoint_tokenizer, lock_out_dir, peak_flops, print0, resolve_chat_data,
-                    rng_state, save_checkpoint, set_rng_state, setup_run, split_val, sync_grads, total_steps_of,
+                    load_checkpoint, load_checkpoint_tokenizer, lock_out_dir, memory_gb, peak_flops, print0,
+                    resolve_chat_data, rng_state, save_checkpoint, set_rng_state, setup_run, split_val, sync_grads,
+                    sync_time, total_steps_of,
                     train_arg_parser)
 from data.loaders import SFTLoader, collate_sft, encode_sft
 from data.readers import DataError, read_sft_jsonl
@@ -90,18 +90,6 @@ def evaluate(model, val_encoded, args, rank, world_size, device, ctx, pad_id):
     if world_size > 1:
         dist.all_reduce(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
-
-
-def sync_time(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.time()
-
-
-def memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
 def main():

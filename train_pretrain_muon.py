@@ -8,7 +8,6 @@ schedules -> loop (forward, backward, accumulation, gradient sync, clip, both st
 """
 import math
 import os
-import resource
 import sys
 import time
 
@@ -16,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, catch_interrupts, check_model_matches, check_resume,
-                    cleanup_distributed, clip_grads, die, format_eta, load_checkpoint, lock_out_dir, peak_flops,
-                    print0, rng_state, save_checkpoint, set_rng_state, setup_run, sync_grads, total_steps_of,
-                    train_arg_parser)
+                    cleanup_distributed, clip_grads, die, format_eta, load_checkpoint, lock_out_dir, memory_gb,
+                    peak_flops, print0, rng_state, save_checkpoint, set_rng_state, setup_run, sync_grads, sync_time,
+                    total_steps_of, train_arg_parser)
 from data.loaders import TokenWindowLoader, eval_batches
 from data.prepare import prepare_source
 from data.readers import DataError
@@ -87,18 +86,6 @@ def evaluate(model, val_path, batch_size, args, rank, world_size, device, ctx):
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         count *= world_size
     return (total / count).item()
-
-
-def sync_time(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.time()
-
-
-def memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
 def main():
