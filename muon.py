@@ -1,8 +1,8 @@
 """Muon: MomentUm Orthogonalized by Newton-Schulz, for the 2-D weight matrices of a network.
 
-`Muon` runs on one device; `DistMuon` runs the same math under torchrun with each rank
-owning a slice of every same-shape group. Everything that is not a matrix (embeddings,
-the LM head, norms, biases) belongs in AdamW: see `split_params` in model.py.
+`Muon` runs on one device; `DistMuon` runs the same math under torchrun with each rank owning a slice of
+every same-shape group. Everything that is not a matrix (embeddings, the LM head, norms, biases) belongs
+in AdamW: see `split_params` in model.py.
 
 Sources: Keller Jordan's Muon (kellerjordan.github.io/posts/muon, github.com/KellerJordan/Muon),
 Moonlight's RMS-matching scale (arXiv 2502.16982), Polar Express (arXiv 2505.16932), NorMuon
@@ -19,19 +19,17 @@ The update for a weight W with gradient G (momentum beta, learning rate lr, weig
     W  <- W - lr * scale(W) * O                 scale: "original"        max(1, rows/cols) ** 0.5
                                                        "match_rms_adamw" 0.2 * max(rows, cols) ** 0.5
 
-Shapes: a 2-D parameter is one matrix. A 3-D parameter is a *stack* of matrices (e.g. MoE
-experts, [E, rows, cols]) and each matrix is orthogonalised on its own. A parameter with 4 or
-more dims is conv-like and is flattened to (shape[0], -1) for the update.
+Shapes: a 2-D parameter is one matrix. A 3-D parameter is a *stack* of matrices (e.g. MoE experts,
+[E, rows, cols]) and each matrix is orthogonalised on its own. A parameter with 4 or more dims is
+conv-like and is flattened to (shape[0], -1) for the update.
 
-State: one entry per parameter, {"momentum_buffer": tensor of the parameter's shape} (the format
-of torch.optim.Muon) plus, with normuon, {"second_moment": the matrix view's shape with the
-averaged dim set to 1}. DistMuon gathers its ranks' slices before saving and keeps only its own
-after loading, so a state dict moves freely between Muon, DistMuon and any world size.
+State: one entry per parameter, {"momentum_buffer": tensor of the parameter's shape} (the format of
+torch.optim.Muon) plus, with normuon, {"second_moment": the matrix view's shape with the averaged dim
+set to 1}. A state dict moves freely between Muon, DistMuon and any world size.
 
-Speed: same-shape parameters form one stack (one batched Newton-Schulz per shape) whose storage
-their weights and state buffers view (`stacked`). On CUDA each stack's step is one compiled graph
-whose hyperparameters enter as 0-D tensors, so schedules never recompile it, and Newton-Schulz
-takes muon_fast.py's Triton path, which computes the same polynomial.
+Speed: same-shape parameters form one stack, stepped with one batched Newton-Schulz (`stacked`); on CUDA
+each stack's step is one compiled graph (`hyperparameters`) and Newton-Schulz takes muon_fast.py's Triton
+path, which computes the same polynomial.
 """
 import math
 
@@ -46,14 +44,13 @@ _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 # Every iteration maps each singular value s of X to a*s + b*s^3 + c*s^5.
-# Quintic (Keller Jordan): the steepest slope at s = 0 that still keeps s <= ~1.2, so tiny singular
-# values grow fast; it does not converge to 1: after 5 iterations singular values in [1e-3, 1]
-# end in about [0.68, 1.13].
+# Quintic (Keller Jordan): the steepest slope at s = 0 that still keeps s <= ~1.2, so tiny singular values
+# grow fast; it does not converge to 1: after 5 iterations singular values in [1e-3, 1] end in about [0.68, 1.13].
 QUINTIC = (3.4445, -4.7750, 2.0315)
-# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932): the minimax-optimal odd
-# quintic for each iteration, fitted to a spectrum in [1e-3, 1]; the 5-iteration table with
-# modded-nanogpt's 2% safety margin. After 5 iterations singular values in [1e-3, 1] end in about
-# [0.84, 1.15] (tests/test_muon.py checks both bands on that interval).
+# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932): the minimax-optimal odd quintic for
+# each iteration, fitted to a spectrum in [1e-3, 1]; the 5-iteration table with modded-nanogpt's 2% safety
+# margin. After 5 iterations singular values in [1e-3, 1] end in about [0.84, 1.15] (tests/test_muon.py
+# checks both bands on that interval).
 POLAR_EXPRESS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -77,34 +74,30 @@ def newton_schulz_coefficients(name: str, steps: int) -> tuple:
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, coefficients: str = "quintic") -> Tensor:
     """Orthogonalise each matrix of G (..., rows, cols): `steps` Newton-Schulz iterations in bf16.
 
-    Dividing by the Frobenius norm puts every singular value in (0, 1], where the polynomials are
-    fitted (Polar Express divides by 2% more: bf16 rounding can push the top one a little past 1).
-    Each iteration X <- a X + (b A + c A^2) X with A = X X^T applies the odd polynomial above to
-    every singular value at once; a wide X makes A the small Gram matrix, so a tall G is
-    transposed first. The result's singular values are ~1, which trains as well as the exact
-    polar factor U V^T and costs a handful of matmuls.
+    Dividing by the Frobenius norm puts every singular value in (0, 1], where the polynomials are fitted
+    (Polar Express divides by 2% more: bf16 rounding can push the top one a little past 1). Each iteration
+    X <- a X + (b A + c A^2) X with A = X X^T applies the odd polynomial above to every singular value at
+    once; a wide X makes A the small Gram matrix, so a tall G is transposed first. The result's singular
+    values are ~1, which trains as well as the exact polar factor U V^T and costs a handful of matmuls.
     """
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
     coefficients = newton_schulz_coefficients(coefficients, steps)
     margin = 1.02 if coefficients[0] == POLAR_EXPRESS[0] else 1.0
-    X = G.bfloat16()
-    if G.size(-2) > G.size(-1):
-        X = X.mT
+    tall = G.size(-2) > G.size(-1)
+    X = G.bfloat16().mT if tall else G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)
     if muon_fast.enabled(X) and X.ndim == 3:  # the same iterations with half-cost symmetric products
         X = muon_fast.newton_schulz(X, coefficients)
     else:
         for a, b, c in coefficients:
             A = X @ X.mT
-            B = b * A + c * A @ A
-            X = a * X + B @ X
-    return X.mT if G.size(-2) > G.size(-1) else X
+            X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
 
 
 def momentum_update(G: Tensor, M: Tensor, momentum, nesterov: bool) -> Tensor:
-    """M <- beta M + (1 - beta) G in place; returns the Nesterov look-ahead (1 - beta) G + beta M
-    (or M itself without nesterov)."""
+    """M <- beta M + (1 - beta) G in place; returns the Nesterov look-ahead (1 - beta) G + beta M, or M."""
     M.lerp_(G, 1 - momentum)
     return G.lerp(M, momentum) if nesterov else M
 
@@ -112,26 +105,26 @@ def momentum_update(G: Tensor, M: Tensor, momentum, nesterov: bool) -> Tensor:
 def normuon(O: Tensor, V: Tensor, beta2) -> Tensor:
     """NorMuon: even out the size of O's rows (or columns) with an Adam-like second moment V.
 
-    Orthogonalisation makes O's vectors along its *smaller* dim unit-norm, but leaves the other
-    dim's vectors (the rows of a tall O, the columns of a wide one) of uneven size. Keep a running
-    mean V of their squared entries (one number per such row or column, updated in place) and
-    divide by its square root; then restore O's Frobenius norm, so lr and adjust_lr mean what they
-    mean without normuon. The paper fixes the RMS instead (0.2, as match_rms_adamw does).
+    Orthogonalisation makes O's vectors along its *smaller* dim unit-norm, but leaves the other dim's vectors
+    (the rows of a tall O, the columns of a wide one) of uneven size. Keep a running mean V of their squared
+    entries (one number per such row or column, updated in place) and divide by its square root; then restore
+    O's Frobenius norm, so lr and adjust_lr mean what they mean without normuon. The paper fixes the RMS
+    instead (0.2, as match_rms_adamw does).
     """
     O = O.float()
     dim = -1 if O.size(-2) >= O.size(-1) else -2
     sq = O.square().mean(dim=dim, keepdim=True)  # the only pass over O before the update itself
     V.lerp_(sq, 1 - beta2)
     inv = V.clamp_min(1e-10).rsqrt()
-    # ||O||^2 and ||O * inv||^2 are sums of the row (column) means sq, times the row length, which
-    # cancels in their ratio: the two norms cost no pass over O
+    # ||O||^2 and ||O * inv||^2 are sums of the row (column) means sq, times the row length, which cancels
+    # in their ratio: the two norms cost no pass over O
     ratio = sq.sum(dim=(-2, -1), keepdim=True) / (sq * inv.square()).sum(dim=(-2, -1), keepdim=True).clamp_min(1e-20)
     return (O * (inv * ratio.sqrt())).bfloat16()
 
 
 def weight_update(W: Tensor, O: Tensor, lr, weight_decay, scale: float, cautious_wd: bool) -> None:
-    """Decoupled weight decay, then the scaled step, in place: W <- W - lr*wd*W - lr*scale*O.
-    cautious_wd decays only the weights this step already moves towards zero (O and W agree in sign)."""
+    """Decoupled weight decay, then the scaled step, in place. cautious_wd decays only the weights this step
+    already moves towards zero (O and W agree in sign)."""
     if cautious_wd:
         W.sub_(W * (O * W >= 0) * (lr * weight_decay))
     else:
@@ -182,15 +175,11 @@ def second_moment_shape(p: Tensor) -> tuple:
 
 
 def stacked(tensors: list, rebind) -> Tensor:
-    """The tensors as one stack [n, *matrix view] that they are views of, so the step reads and
-    writes a whole group in single kernels instead of stacking and copying back every step.
-
-    A documented choice: the first step moves each weight (p.data) and state buffer into its
-    group's stack through `rebind(i, view)`; a parameter keeps its identity, shape and grad. Later
-    steps find the stack again from the tensors' storage. A tensor given new storage since
-    (load_state_dict, .to(), a buffer set by hand) breaks the run of consecutive rows, and the
-    group is stacked anew.
-    """
+    """The tensors as one stack [n, *matrix view] that they are views of, so a step reads and writes a whole
+    group in single kernels. The first step moves each weight (p.data) or state buffer into the stack through
+    `rebind(i, view)`; a parameter keeps its identity, shape and grad. Later steps find the stack again from
+    the tensors' storage; a tensor given new storage since (load_state_dict, .to(), a buffer set by hand)
+    breaks the run of consecutive rows, and the group is stacked anew."""
     first = tensors[0]
     shape, nbytes = matrix_view(first).shape, first.numel() * first.element_size()
     storage = first.untyped_storage()
@@ -207,14 +196,16 @@ def state_stacks(state: dict, params: list, group: dict):
     """(momentum stack, NorMuon second-moment stack or None) of a group, created as zeros on first use."""
     for p in params:
         s = state[p]
-        if "momentum_buffer" not in s or s["momentum_buffer"].dtype != p.dtype:  # (a parameter moved by .to())
-            s["momentum_buffer"] = s.get("momentum_buffer", torch.zeros_like(p)).to(p.dtype)
+        if "momentum_buffer" not in s:
+            s["momentum_buffer"] = torch.zeros_like(p)
+        elif s["momentum_buffer"].dtype != p.dtype:  # a parameter moved by .to()
+            s["momentum_buffer"] = s["momentum_buffer"].to(p.dtype)
         if group["normuon"] and "second_moment" not in s:
             s["second_moment"] = p.new_zeros(second_moment_shape(p), dtype=torch.float32)
-    keys = ("momentum_buffer", "second_moment") if group["normuon"] else ("momentum_buffer",)
-    stacks = [stacked([state[p][k] for p in params], lambda i, t, k=k: state[params[i]].__setitem__(k, t))
-              for k in keys]
-    return stacks[0], stacks[1] if group["normuon"] else None
+
+    def stack(key):
+        return stacked([state[p][key] for p in params], lambda i, t: state[params[i]].__setitem__(key, t))
+    return stack("momentum_buffer"), stack("second_moment") if group["normuon"] else None
 
 
 def weight_stack(params: list) -> Tensor:
@@ -230,9 +221,8 @@ def same_shape_groups(params) -> list:
 
 
 def hyperparameters(group: dict, grad_scale) -> dict:
-    """The schedulable values as 0-D float32 CPU tensors: compiled code sees tensors, not Python
-    floats, so a new value does not recompile it (a CPU scalar reaches a CUDA kernel as a launch
-    argument, with no host-device copy)."""
+    """The schedulable values as 0-D float32 CPU tensors: compiled code sees tensors, not Python floats, so a
+    schedule never recompiles it (a CPU scalar reaches a CUDA kernel as a launch argument, no host-device copy)."""
     hp = {k: torch.tensor(float(group[k])) for k in ("lr", "momentum", "weight_decay", "beta2")}
     hp["grad_scale"] = grad_scale if isinstance(grad_scale, Tensor) else torch.tensor(float(grad_scale))
     return hp
@@ -241,10 +231,11 @@ def hyperparameters(group: dict, grad_scale) -> dict:
 _compiled = {}
 
 
-def compiled(fn, backend):
-    """fn, or fn under torch.compile (once per function and backend): one graph per stack shape and
-    option set. A model with more distinct stacks than dynamo's recompile limit (8 by default) runs
-    the rest eagerly, with dynamo's warning; raise torch._dynamo.config.recompile_limit for it."""
+def compiled(fn, compile, on_cuda: bool):
+    """fn, or fn under torch.compile (once per function and backend) as Muon's `compile` option says: one graph
+    per stack shape and option set. A model with more distinct stacks than dynamo's recompile limit (8 by
+    default) runs the rest eagerly, with dynamo's warning; raise torch._dynamo.config.recompile_limit for it."""
+    backend = on_cuda if compile is None else compile
     if not backend:
         return fn
     backend = "inductor" if backend is True else backend
@@ -256,10 +247,9 @@ def compiled(fn, backend):
 class Muon(torch.optim.Optimizer):
     """Single-device Muon. Same-shape parameters are stacked so Newton-Schulz runs once per shape.
 
-    ns_coefficients: "quintic" or "polar_express"; normuon: NorMuon's row/column normalisation
-    with second-moment decay beta2; cautious_wd: weight decay only where update and weight agree
-    in sign; compile: torch.compile each stack's step (True, False, or a torch.compile backend;
-    default: on CUDA).
+    ns_coefficients: "quintic" or "polar_express"; normuon: NorMuon's row/column normalisation with
+    second-moment decay beta2; cautious_wd: weight decay only where update and weight agree in sign;
+    compile: torch.compile each stack's step (True, False, or a torch.compile backend; default: on CUDA).
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
@@ -270,17 +260,18 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay, adjust_lr=adjust_lr, ns_coefficients=ns_coefficients,
                                       normuon=normuon, beta2=beta2, cautious_wd=cautious_wd))
-        for p in (p for group in self.param_groups for p in group["params"]):
-            if p.ndim < 2:
-                raise ValueError(f"Muon only updates matrices (>=2-D parameters); got a {p.ndim}-D parameter of "
-                                 f"shape {tuple(p.shape)}. Put biases, norm weights and other vectors/scalars in "
-                                 f"AdamW (model.split_params does this).")
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim < 2:
+                    raise ValueError(f"Muon only updates matrices (>=2-D parameters); got a {p.ndim}-D parameter "
+                                     f"of shape {tuple(p.shape)}. Put biases, norm weights and other "
+                                     f"vectors/scalars in AdamW (model.split_params does this).")
         self.compile = compile
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: float | Tensor = 1.0):
-        """One Muon step; grad_scale (a float or a 0-D tensor) multiplies the gradients first:
-        the training scripts clip with it."""
+        """One Muon step; grad_scale (a float or a 0-D tensor) multiplies the gradients first: the training
+        scripts clip with it."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -290,7 +281,7 @@ class Muon(torch.optim.Optimizer):
             for params in same_shape_groups([p for p in group["params"] if p.grad is not None]):
                 G = torch.stack([matrix_view(p.grad) for p in params])
                 M, V = state_stacks(self.state, params, group)
-                step = compiled(muon_step, params[0].is_cuda if self.compile is None else self.compile)
+                step = compiled(muon_step, self.compile, params[0].is_cuda)
                 step(weight_stack(params), G, M, V, hp, group)
         return loss
 
@@ -298,22 +289,19 @@ class Muon(torch.optim.Optimizer):
 class DistMuon(Muon):
     """Muon spread over the ranks of the default process group (NCCL or gloo); same options as Muon.
 
-    Every rank holds all weights and its own local gradients; there is no DDP wrapper: this
-    optimizer averages the Muon gradients. Each same-shape group of n matrices, zero padded to a
-    multiple of the world size W, is split into W slices, and rank r owns slice r. A step:
+    Every rank holds all weights and its own local gradients; there is no DDP wrapper: this optimizer averages
+    the Muon gradients. Each same-shape group of n matrices, zero padded to a multiple of the world size W, is
+    split into W slices, and rank r owns slice r. A step:
 
       1. reduce_grads: an async reduce-scatter (average) of every group's stacked gradients;
-      2. per group: wait for its slice; the owner runs momentum, Nesterov and Newton-Schulz (and
-         NorMuon) and launches an async all-gather of the bf16 updates, so one group's compute
-         overlaps the other groups' collectives;
-      3. per group: wait for its updates; every rank applies them to all its weights (identical
-         inputs and elementwise math keep the replicas identical).
+      2. per group: wait for its slice; the owner runs momentum, Nesterov and Newton-Schulz (and NorMuon) and
+         launches an async all-gather of the bf16 updates, so one group's compute overlaps the other groups'
+         collectives;
+      3. per group: wait for its updates; every rank applies them to all its weights (identical inputs and
+         elementwise math keep the replicas identical).
 
-    State exists only for owned parameters: ~1/W of Muon's per rank. Clipping needs the norm of the
-    *averaged* gradient, which exists only as the owners' slices: grad_sq_sum() runs phase 1, waits,
-    and sums the slices' squares over ranks, so with clipping on every reduce-scatter has finished
-    before the first Newton-Schulz and only the all-gathers overlap compute. state_dict() and
-    load_state_dict() are collective: call them on every rank.
+    State exists only for owned parameters: ~1/W of Muon's per rank. state_dict() gathers it into Muon's format
+    and load_state_dict() keeps only this rank's share: both are collective, call them on every rank.
     """
 
     def __init__(self, params, **options):
@@ -326,18 +314,10 @@ class DistMuon(Muon):
 
     def _groups(self):
         """(param group, same-shape params, slice size, owned params) in an order all ranks share."""
-        out = []
         for group in self.param_groups:
             for params in same_shape_groups(group["params"]):
                 per_rank = math.ceil(len(params) / self.world_size)
-                out.append((group, params, per_rank, params[self.rank * per_rank:(self.rank + 1) * per_rank]))
-        return out
-
-    def _padded_stack(self, tensors, per_rank):
-        """n tensors -> [per_rank * W, *matrix view], zero padded."""
-        full = tensors[0].new_zeros((per_rank * self.world_size, *matrix_view(tensors[0]).shape))
-        torch._foreach_copy_(list(full[:len(tensors)].unbind(0)), [matrix_view(t) for t in tensors])
-        return full
+                yield group, params, per_rank, params[self.rank * per_rank:(self.rank + 1) * per_rank]
 
     @torch.no_grad()
     def reduce_grads(self):
@@ -349,7 +329,8 @@ class DistMuon(Muon):
             if any(p.grad is None for p in params):
                 raise RuntimeError(f"DistMuon: a parameter of shape {tuple(params[0].shape)} has no gradient; "
                                    "every rank needs a gradient for every Muon parameter at each step.")
-            full = self._padded_stack([p.grad for p in params], per_rank)
+            full = params[0].grad.new_zeros((per_rank * self.world_size, *matrix_view(params[0]).shape))
+            torch._foreach_copy_(list(full[:len(params)].unbind(0)), [matrix_view(p.grad) for p in params])
             mine = full.new_empty((per_rank, *full.shape[1:]))
             self._pending.append((_reduce_scatter(mine, full, op=dist.ReduceOp.AVG, async_op=True), mine))
 
@@ -362,7 +343,11 @@ class DistMuon(Muon):
 
     @torch.no_grad()
     def grad_sq_sum(self) -> Tensor:
-        """Sum of squares of the averaged gradients of all Muon parameters (collective)."""
+        """Sum of squares of the averaged gradients of all Muon parameters (collective), for clipping.
+
+        The averaged gradient exists only as the owners' slices, so this runs phase 1 and waits: with clipping
+        on, every reduce-scatter has finished before the first Newton-Schulz and only the all-gathers overlap
+        compute."""
         self.reduce_grads()
         total = torch.zeros((), device=self.param_groups[0]["params"][0].device)
         for work, mine in self._pending:
@@ -385,13 +370,13 @@ class DistMuon(Muon):
             update = grads.new_zeros(grads.shape, dtype=torch.bfloat16)
             if owned:
                 M, V = state_stacks(self.state, owned, group)
-                run = compiled(orthogonalised_update, grads.is_cuda if self.compile is None else self.compile)
+                run = compiled(orthogonalised_update, self.compile, grads.is_cuda)
                 update[:len(owned)] = run(grads[:len(owned)], M, V, hyperparameters(group, grad_scale), group)
             full = update.new_empty((per_rank * self.world_size, *update.shape[1:]))
             gathers.append((_all_gather(full, update, async_op=True), full, group, params))
         for work, full, group, params in gathers:
             work.wait()  # 3. every rank applies every update to its replica of the weights
-            run = compiled(apply_update, full.is_cuda if self.compile is None else self.compile)
+            run = compiled(apply_update, self.compile, full.is_cuda)
             run(weight_stack(params), full[:len(params)], hyperparameters(group, grad_scale), group)
         return loss
 
@@ -399,17 +384,19 @@ class DistMuon(Muon):
     def state_dict(self):
         """The full (gathered) state in Muon's format; collective, identical on every rank."""
         for group, params, per_rank, owned in self._groups():
-            mine = state_stacks(self.state, owned, group) if owned else (None, None)
-            for key, stack in zip(("momentum_buffer", "second_moment"), mine[:1 + group["normuon"]]):
-                shape = matrix_view(params[0]).shape if key == "momentum_buffer" else second_moment_shape(params[0])
-                dtype = params[0].dtype if key == "momentum_buffer" else torch.float32
-                part = params[0].new_zeros((per_rank, *shape), dtype=dtype)
+            p = params[0]
+            layout = {"momentum_buffer": (p.shape, p.dtype)}  # each parameter's state: shape, dtype
+            if group["normuon"]:
+                layout["second_moment"] = (second_moment_shape(p), torch.float32)
+            stacks = state_stacks(self.state, owned, group) if owned else (None, None)
+            for (key, (shape, dtype)), stack in zip(layout.items(), stacks):
+                part = p.new_zeros((per_rank, math.prod(shape)), dtype=dtype)  # rows flattened: any shape
                 if owned:
-                    part[:len(owned)] = stack
-                full = part.new_empty((per_rank * self.world_size, *shape))
+                    part[:len(owned)] = stack.flatten(1)
+                full = part.new_empty((per_rank * self.world_size, part.size(1)))
                 _all_gather(full, part)
-                for i, p in enumerate(params):
-                    self.state[p][key] = full[i].view(p.shape if key == "momentum_buffer" else shape).clone()
+                for i, q in enumerate(params):
+                    self.state[q][key] = full[i].view(shape).clone()
         sd = super().state_dict()
         self._drop_unowned_state()
         return sd
