@@ -3,20 +3,18 @@ same logits, generates the same tokens and tokenizes the same way, and such a di
 into our checkpoint dict; bad input stops with one clear message and writes nothing."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import save_checkpoint
+from conftest import run_main
 from data.chat import render_prompt
 from data.tokenizer import load_tokenizer, train_tokenizer
 from export_hf import export, load_hf_checkpoint
 from model import GPT, ModelConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGITS_ATOL = 1e-4  # fp32, both sides on CPU: max |ours - HF| over every logit
 
 TEXTS = [
@@ -275,8 +273,7 @@ def test_bfloat16_export_reads_back_as_the_rounded_float32_weights(tok, tmp_path
 def test_command_line_export_writes_the_hf_files(tok, tmp_path):
     path, _ = make_checkpoint(tmp_path / "ckpt", tok, stage="pretrain")
     out = tmp_path / "hf"
-    r = subprocess.run([sys.executable, "export_hf.py", "--ckpt", path, "--out_dir", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = run_main("export_hf.py", "--ckpt", path, "--out_dir", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
                                        "tokenizer.json", "tokenizer_config.json"]
@@ -291,12 +288,9 @@ def test_one_sft_step_runs_from_an_exported_directory(hf_dir, tmp_path):
             f.write(json.dumps({"conversations": [{"role": "user", "content": f"How many apples, {i}?"},
                                                   {"role": "assistant", "content": f"{i % 7} apples."}]}) + "\n")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "train_full_sft_muon.py", "--init_from", hf_dir, "--data_path", str(data),
-                        "--out_dir", str(out), "--max_steps", "1", "--device", "cpu", "--no-compile",
-                        "--batch_size", "2", "--eval_iters", "1", "--eval_questions", "0", "--warmup_steps", "1",
-                        "--log_interval", "1"],
-                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                       timeout=300)
+    r = run_main("train_full_sft_muon.py", "--init_from", hf_dir, "--data_path", str(data), "--out_dir", str(out),
+                 "--max_steps", "1", "--device", "cpu", "--no-compile", "--batch_size", "2", "--eval_iters", "1",
+                 "--eval_questions", "0", "--warmup_steps", "1", "--log_interval", "1")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     ckpt = torch.load(out / "sft.pt", weights_only=True)
     assert ckpt["stage"] == "sft" and ckpt["step"] == 1

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import run_main
 from data import prepare
 from data.corpus import build_corpus
 from data.readers import DataError, read_dpo_jsonl, read_sft_jsonl
@@ -145,8 +146,7 @@ def test_prepare_help_runs_as_a_script_from_the_repo_root():
 
 def test_prepare_cli_bad_input_exits_1_with_one_clear_line(tmp_path):
     missing = str(tmp_path / "missing.jsonl")
-    r = subprocess.run([sys.executable, "data/prepare.py", "--pretrain_path", missing, "--out_dir", str(tmp_path / "o")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = run_main("data/prepare.py", "--pretrain_path", missing, "--out_dir", str(tmp_path / "o"))
     assert r.returncode == 1
     assert r.stderr.strip() == f"error: {missing}: no such file or directory"
     assert not (tmp_path / "o").exists()
@@ -180,8 +180,7 @@ def test_prepare_cli_accepts_the_smallest_vocab_size(tmp_path):
 
 def test_prepare_cli_names_an_unsupported_file_type_and_the_accepted_ones(tmp_path):
     (tmp_path / "good.csv").write_text("text\nhello\n")
-    r = subprocess.run([sys.executable, "data/prepare.py", "--pretrain_path", str(tmp_path / "good.csv"), "--out_dir",
-                        str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = run_main("data/prepare.py", "--pretrain_path", str(tmp_path / "good.csv"), "--out_dir", str(tmp_path / "o"))
     assert r.returncode == 1
     assert "good.csv: unsupported file type; pretraining text must be a .txt, .jsonl, .parquet file" in r.stderr
     assert not (tmp_path / "o").exists()

@@ -5,10 +5,11 @@ import functools
 import os
 import re
 import shlex
-import subprocess
 import sys
 
 import pytest
+
+from conftest import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE_SCRIPTS = ("train_pretrain_muon.py", "train_full_sft_muon.py", "train_dpo_muon.py")
@@ -39,7 +40,7 @@ def script_and_args(words: list[str]) -> tuple[str, list[str]]:
 
 @functools.lru_cache(maxsize=None)
 def help_text(script: str) -> str:
-    r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = run_main(script, "--help")  # the script's main() in this process: argparse prints the help, exits 0
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 

@@ -21,7 +21,7 @@ import train_dpo_muon
 import train_full_sft_muon
 import train_pretrain_muon
 from common import EXIT_INTERRUPTED, save_checkpoint
-from conftest import run_finished_script
+from conftest import run_main
 from data.prepare import prepare_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,8 +55,8 @@ def command(stage, data_dir, out_dir, *flags):
 
 
 def run(stage, data_dir, out_dir, *flags, check=True):
-    r = run_finished_script(command(stage, data_dir, out_dir, *flags), cwd=ROOT, env=env(), capture_output=True,
-                            text=True, timeout=300)
+    """The script's main() in this process (conftest.run_main): its status, stdout and stderr."""
+    r = run_main(*command(stage, data_dir, out_dir, *flags)[1:])
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r

@@ -2,8 +2,6 @@
 context clamp, and whole multi-byte characters while streaming."""
 import io
 import os
-import subprocess
-import sys
 from contextlib import redirect_stdout
 from types import SimpleNamespace
 
@@ -11,12 +9,11 @@ import pytest
 import torch
 
 from common import save_checkpoint
+from conftest import run_main
 from data.prepare import prepare_default
 from data.tokenizer import load_tokenizer
 from model import GPT, ModelConfig
 from sample import parse_args, stream_text
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +35,9 @@ def checkpoint(path, tok_path, stage):
     return str(path)
 
 
-def sample(*flags, stdin=None):
-    return subprocess.run([sys.executable, "sample.py", *flags], cwd=ROOT, input=stdin, capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+def sample(*flags, stdin=""):
+    """`python sample.py FLAGS` with stdin as its input: main() in this process (conftest.run_main)."""
+    return run_main("sample.py", *flags, stdin=stdin)
 
 
 def test_a_pretraining_checkpoint_continues_the_prompt_as_text(tok_path, tmp_path):

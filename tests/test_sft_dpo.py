@@ -3,7 +3,6 @@ the SFT loss mask, clear failure on a mismatched --init_from, exact resume, and 
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -18,7 +17,7 @@ from data.readers import read_dpo_jsonl
 from model import GPT, ModelConfig, split_params
 from muon import Muon
 from train_dpo_muon import dpo_loss, pair_logps, sequence_logps
-from conftest import run_finished_script
+from conftest import run_finished_script, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"sft": "train_full_sft_muon.py", "dpo": "train_dpo_muon.py"}
@@ -159,12 +158,14 @@ def init_ckpts(data_dir, tmp_path_factory):
 
 
 def run(stage, data_dir, out_dir, init_from, *flags, nproc=1, check=True):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                     "--nproc_per_node", str(nproc)]
-    cmd = launcher + [SCRIPTS[stage], "--data_path", data_dir, "--out_dir", str(out_dir), "--init_from",
-                      init_from, *TINY, *flags]
-    r = run_finished_script(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
-                            capture_output=True, text=True, timeout=300)
+    """One process: the script's main() in this process (conftest.run_main); more: under torchrun."""
+    args = [SCRIPTS[stage], "--data_path", data_dir, "--out_dir", str(out_dir), "--init_from", init_from, *TINY, *flags]
+    if nproc == 1:
+        r = run_main(*args)
+    else:
+        r = run_finished_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *args],
+                                cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                                capture_output=True, text=True, timeout=300)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r

@@ -8,13 +8,12 @@ import itertools
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
 from common import clip_grads, save_checkpoint
-from conftest import run_finished_script
+from conftest import run_main
 from data.prepare import prepare_default
 from data.tokenizer import load_tokenizer
 from model import GPT, ModelConfig
@@ -59,10 +58,7 @@ def init_ckpts(data_dir, tmp_path_factory):
 
 def run(stage, data_path, out_dir, init_ckpts, *flags):
     init = ["--init_from", init_ckpts[stage]] if stage in INIT_STAGE else []
-    cmd = [sys.executable, SCRIPTS[stage], "--data_path", str(data_path), "--out_dir", str(out_dir), *init,
-           *TINY[stage], *flags]
-    r = run_finished_script(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
-                            capture_output=True, text=True, timeout=300)
+    r = run_main(SCRIPTS[stage], "--data_path", str(data_path), "--out_dir", str(out_dir), *init, *TINY[stage], *flags)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
