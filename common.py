@@ -71,7 +71,9 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     # optimizers and schedules
     a("--optimizer", choices=["muon", "adamw"], default="muon", help="adamw: AdamW for every parameter (baseline)")
     a("--lr_muon", type=pos_f, default=0.02, help="peak LR of Muon (matrices in the blocks)")
-    a("--lr_adamw", type=pos_f, default=5e-4, help="peak LR of AdamW (embedding, head, norms)")
+    a("--lr_adamw", type=pos_f, default=5e-4,
+      help="peak LR of AdamW (embedding, head, norms; every parameter with --optimizer adamw); "
+           "pretraining's default: 8e-3, or 2e-3 with --optimizer adamw")
     a("--momentum", type=bounded(float, 0, 1), default=0.95, help="Muon momentum (after its warmup)")
     a("--momentum_start", type=bounded(float, 0, 1), default=0.85,
       help="Muon momentum at step 0 and after the cool-down")

@@ -4,6 +4,7 @@
     python bench/compare_optimizers.py --data_path data/prepared/english --jobs 8   # CPU-demo shape
     python bench/compare_optimizers.py --scale gpu --data_path data/prepared/english --jobs 6
     python bench/compare_optimizers.py --stage sft --init_from out/pretrain.pt
+    python bench/compare_optimizers.py --jobs 8 --extra=--no-compile      # flags for every run: note the "="
 
 Stage 1 sweeps, at seed 0, Muon's two learning rates as a grid (lr_muon for the block matrices x
 lr_adamw for its AdamW part: embedding, head, norms) and AdamW's single one. Stage 2 reruns each
@@ -289,7 +290,8 @@ def portable_command(args, ap):
             continue
         if key in ("data_path", "init_from"):
             value = portable_path(value, "data/prepared" if key == "data_path" else "out")
-        words += [f"--{key}", shlex.quote(str(value))]
+        # --extra=VALUE: a value that starts with "-" would otherwise read as a flag of its own
+        words += [f"--{key}={shlex.quote(str(value))}"] if key == "extra" else [f"--{key}", shlex.quote(str(value))]
     return " ".join(words)
 
 

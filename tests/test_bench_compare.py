@@ -3,6 +3,7 @@ grid, the best configs rerun at more seeds, and a report of the spread over seed
 and optima on a grid edge."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -124,6 +125,7 @@ def test_tiny_sweep_reruns_only_the_best_configs_at_the_second_seed_and_reports_
 
     command = table["meta"]["command"]
     assert str(tmp_path) not in command and "--data_path data/prepared/tiny" in command
+    assert f"--extra={tiny}" in shlex.split(command)  # one word: a value starting with "-" still parses
     md = (results / "compare_pretrain_cpu_tiny.md").read_text()
     assert md.rstrip().splitlines()[-1].startswith("| adamw")
     assert r.stdout.rstrip().splitlines()[-1].startswith("| adamw")  # the table is printed last

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common import EXIT_INTERRUPTED, clip_grads, save_checkpoint
-from conftest import run_finished_script
+from conftest import run_finished_script, run_main
 from data.prepare import prepare_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,11 +39,14 @@ def env(**extra):
     return e
 
 
-def pretrain(data_dir, out_dir, *flags, nproc=1, check=True, **kw):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                     "--nproc_per_node", str(nproc)]
-    cmd = launcher + ["train_pretrain_muon.py", "--data_path", data_dir, "--out_dir", str(out_dir), *TINY, *flags]
-    r = run_finished_script(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300, **kw)
+def pretrain(data_dir, out_dir, *flags, nproc=1, check=True):
+    """One process: the script's main() in this process (conftest.run_main); more: under torchrun."""
+    args = ["train_pretrain_muon.py", "--data_path", data_dir, "--out_dir", str(out_dir), *TINY, *flags]
+    if nproc == 1:
+        r = run_main(*args)
+    else:
+        r = run_finished_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *args],
+                                cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -125,8 +128,10 @@ def test_adamw_baseline_trains_every_parameter_with_adamw(data_dir, tmp_path):
 def test_two_processes_follow_the_one_process_loss_curve_at_equal_global_batch(data_dir, tmp_path):
     one = tmp_path / "one"
     two = tmp_path / "two"
-    pretrain(data_dir, one, "--max_steps", "8", "--eval_interval", "8", "--batch_size", "8")
-    pretrain(data_dir, two, "--max_steps", "8", "--eval_interval", "8", "--batch_size", "4", nproc=2)
+    # moderate LRs: the tolerances below are for rounding, which larger steps amplify
+    flags = ["--max_steps", "8", "--eval_interval", "8", "--lr_muon", "0.02", "--lr_adamw", "5e-4"]
+    pretrain(data_dir, one, *flags, "--batch_size", "8")
+    pretrain(data_dir, two, *flags, "--batch_size", "4", nproc=2)
     a, b = metrics(one), metrics(two)
     for step in range(1, 9):
         # same data, same math; only float summation order differs (all-reduce, reduce-scatter).
@@ -269,11 +274,19 @@ def test_init_from_starts_from_the_checkpoint_weights_and_refuses_another_shape(
     # shape flags left out: the checkpoint's shape is used, and training starts where it ended
     i = TINY.index("--hidden_size")
     flags = TINY[:i] + TINY[i + 4:]  # without --hidden_size 64 --num_hidden_layers 2
-    r = subprocess.run([sys.executable, "train_pretrain_muon.py", "--data_path", data_dir, "--out_dir", str(second),
-                        *flags, "--init_from", str(first / "pretrain.pt"), "--max_steps", "2",
-                        "--eval_interval", "2"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    r = run_main("train_pretrain_muon.py", "--data_path", data_dir, "--out_dir", str(second), *flags,
+                 "--init_from", str(first / "pretrain.pt"), "--max_steps", "2", "--eval_interval", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert metrics(second)[0]["val_loss"] == metrics(first)[6]["val_loss"]
     bad = pretrain(data_dir, tmp_path / "third", "--init_from", str(first / "pretrain.pt"), "--hidden_size", "32",
                    "--max_steps", "2", check=False)
     assert bad.returncode != 0 and "hidden_size=64" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_lr_adamw_default_follows_the_optimizer(monkeypatch):
+    # next to Muon, AdamW trains only the embedding, head and norms and wants a higher LR than alone
+    import train_pretrain_muon
+    for flags, expected in (([], 8e-3), (["--optimizer", "adamw"], 2e-3),
+                            (["--optimizer", "adamw", "--lr_adamw", "1e-3"], 1e-3), (["--lr_adamw", "3e-3"], 3e-3)):
+        monkeypatch.setattr(sys, "argv", ["train_pretrain_muon.py", *flags])
+        assert train_pretrain_muon.parse_args().lr_adamw == expected, flags
