@@ -13,6 +13,24 @@ import subprocess  # noqa: E402
 GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
+def script_env(**extra):
+    """The environment of a script run as a subprocess: one thread, unbuffered output, plus extra."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+
+
+def randomize(model):
+    """Random weights everywhere, in place; returns the model. At init o_proj/down_proj are zero and every
+    block is the identity, which would let a wrong attention or MLP convention pass unnoticed. A small
+    embedding lets the blocks, not the tied head's echo of the input token, decide the next token."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.05 if "embed" in name else 1.5 * p.size(-1) ** -0.5)
+            else:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
 def run_finished_script(cmd, **kwargs):
     """subprocess.run, once more if a torchrun job finished its work ("done:" printed) and then
     a rank died in gloo's own teardown with the abort above: a rare race inside torch's gloo

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import save_checkpoint
-from conftest import run_main
+from conftest import randomize, run_main
 from data.chat import render_prompt
 from data.tokenizer import load_tokenizer, train_tokenizer
 from export_hf import export, load_hf_checkpoint
@@ -51,16 +51,6 @@ def tok():
     return train_tokenizer(TEXTS, vocab_size=400)
 
 
-def randomized(model):
-    """Random weights everywhere: at init o_proj/down_proj are zero and every block is the
-    identity, which would let a wrong attention or MLP convention pass unnoticed."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.05 if "embed" in name else 1.5 * p.size(-1) ** -0.5)
-            else:
-                p.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 def make_checkpoint(directory, tok, stage="sft", seed=0, **shape):
@@ -71,7 +61,7 @@ def make_checkpoint(directory, tok, stage="sft", seed=0, **shape):
     config = ModelConfig(**{**dict(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, max_seq_len=64), **shape})
     torch.manual_seed(seed)
-    model = randomized(GPT(config))
+    model = randomize(GPT(config)).eval()
     path = os.path.join(directory, f"{stage}.pt")
     save_checkpoint(path, {"stage": stage, "step": 0, "model": model.state_dict(), "model_config": vars(config),
                            "tokenizer_path": tokenizer_path, "tokenizer_fingerprint": tok.fingerprint})

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import randomize as randomize_weights
 from model import GPT, KVCache, ModelConfig, split_params, split_summary
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, CONTEXT = 97, 32, 2, 4, 2, 32
@@ -23,16 +24,7 @@ def tiny_model(seed=0, randomize=True, **overrides):
     block is the identity, which would let attention bugs pass unnoticed."""
     torch.manual_seed(seed)
     model = GPT(tiny_config(**overrides)).eval()
-    if randomize:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.dim() >= 2:
-                    # A small embedding lets the blocks, not the tied head's echo of the
-                    # input token, decide the next token: greedy output does not just repeat.
-                    p.normal_(0.0, 0.05 if "embed" in name else 1.5 * p.size(-1) ** -0.5)
-                else:
-                    p.uniform_(0.5, 1.5)
-    return model
+    return randomize_weights(model) if randomize else model
 
 
 def tokens(batch, length, seed=1):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common import EXIT_INTERRUPTED, clip_grads, save_checkpoint
-from conftest import run_finished_script, run_main
+from conftest import run_finished_script, run_main, script_env
 from data.prepare import prepare_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,12 +33,6 @@ def data_dir(tmp_path_factory):
     return out
 
 
-def env(**extra):
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e.update(extra)
-    return e
-
-
 def pretrain(data_dir, out_dir, *flags, nproc=1, check=True):
     """One process: the script's main() in this process (conftest.run_main); more: under torchrun."""
     args = ["train_pretrain_muon.py", "--data_path", data_dir, "--out_dir", str(out_dir), *TINY, *flags]
@@ -46,7 +40,7 @@ def pretrain(data_dir, out_dir, *flags, nproc=1, check=True):
         r = run_main(*args)
     else:
         r = run_finished_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *args],
-                                cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+                                cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -102,7 +96,7 @@ def test_training_graph_keeps_static_shapes_after_an_eval_with_a_smaller_batch(d
     (small / "meta.json").write_text(json.dumps(dict(meta, val_tokens=len(val))))
     cmd = [sys.executable, "-c", COMPILE_PROBE, "--data_path", str(small), "--out_dir", str(tmp_path / "out"),
            *TINY, "--max_steps", "2", "--eval_interval", "2", "--compile"]
-    r = run_finished_script(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    r = run_finished_script(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     symbolic = json.loads(r.stdout.split("SYMBOLIC")[-1].strip())
     assert len(symbolic) >= 2 and not any(symbolic), symbolic  # eval graph, training graph: sizes fixed
@@ -150,7 +144,7 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_run_exactly(d
 
     cmd = [sys.executable, "train_pretrain_muon.py", "--data_path", data_dir, "--out_dir", str(broken),
            *TINY, *flags]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = os.path.join(broken, "pretrain_metrics.jsonl")
     deadline = time.time() + 120
     while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 4):
@@ -213,7 +207,7 @@ def test_a_crash_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadab
     script = (f"import torch\nfrom common import save_checkpoint\n"
               f"save_checkpoint({path!r}, {{'step': 1, 'w': torch.ones(3)}})\nprint('saved', flush=True)\n"
               f"while True:\n    save_checkpoint({path!r}, {{'step': 2, 'w': torch.randn(30_000_000)}})\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env(), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "saved"
     time.sleep(1.0)  # well inside a 120 MB write
     proc.kill()
@@ -259,7 +253,7 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(data_dir
 def test_wandb_offline_run_logs_both_learning_rates(data_dir, tmp_path):
     r = subprocess.run([sys.executable, "train_pretrain_muon.py", "--data_path", data_dir, "--out_dir",
                         str(tmp_path), *TINY, "--max_steps", "3", "--eval_interval", "3", "--use_wandb"],
-                       cwd=ROOT, env=env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true"),
+                       cwd=ROOT, env=script_env(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = [os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "wandb") for f in fs if f.endswith(".wandb")]

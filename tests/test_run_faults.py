@@ -21,7 +21,7 @@ import train_dpo_muon
 import train_full_sft_muon
 import train_pretrain_muon
 from common import EXIT_INTERRUPTED, save_checkpoint
-from conftest import run_main
+from conftest import run_main, script_env
 from data.prepare import prepare_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,12 +41,6 @@ def data_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("data") / "tiny")
     prepare_default(out, vocab_size=512, n_stories=300, n_sft=60, n_dpo=40, n_eval=8, quiet=True)
     return out
-
-
-def env(**extra):
-    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    e.update(extra)
-    return e
 
 
 def command(stage, data_dir, out_dir, *flags):
@@ -251,7 +245,7 @@ def test_a_full_disk_during_a_save_stops_saying_so_and_keeps_the_previous_checkp
 
 def test_sigterm_after_the_first_logged_step_saves_exits_75_and_the_checkpoint_resumes(data_dir, tmp_path):
     flags = ["--max_steps", "60", "--eval_interval", "1000"]
-    proc = subprocess.Popen(command("pretrain", data_dir, tmp_path, *flags), cwd=ROOT, env=env(),
+    proc = subprocess.Popen(command("pretrain", data_dir, tmp_path, *flags), cwd=ROOT, env=script_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "pretrain_metrics.jsonl"
     deadline = time.time() + 120

@@ -17,7 +17,7 @@ from data.readers import read_dpo_jsonl
 from model import GPT, ModelConfig, split_params
 from muon import Muon
 from train_dpo_muon import dpo_loss, pair_logps, sequence_logps
-from conftest import run_finished_script, run_main
+from conftest import run_finished_script, run_main, script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"sft": "train_full_sft_muon.py", "dpo": "train_dpo_muon.py"}
@@ -164,7 +164,7 @@ def run(stage, data_dir, out_dir, init_from, *flags, nproc=1, check=True):
         r = run_main(*args)
     else:
         r = run_finished_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *args],
-                                cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                                cwd=ROOT, env=script_env(),
                                 capture_output=True, text=True, timeout=300)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
