@@ -32,14 +32,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # Model and run sizes per scale. Each grid doubles its LR from point to point; with 2 optimizers x 2
-# seed reruns that is 29 training runs at the CPU shape and 25 at the GPU one. Muon's lr_adamw grid
+# seed reruns that is 33 training runs at the CPU shape and 25 at the GPU one. Muon's lr_adamw grid
 # (embedding, head and norms only) reaches higher than AdamW's, which sets the LR of the block
 # matrices too; the smaller the model, the higher Muon's best lr_adamw (bench/LOG.md).
 SCALES = {
     "cpu": dict(model=["--hidden_size", "256", "--num_hidden_layers", "4", "--num_attention_heads", "4",
                        "--num_key_value_heads", "2", "--max_seq_len", "256", "--batch_size", "16"],
                 steps=300, eval_interval=25,
-                muon_lrs=[0.01, 0.02, 0.04, 0.08], muon_adamw_lrs=[2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2],
+                muon_lrs=[0.01, 0.02, 0.04, 0.08], muon_adamw_lrs=[2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2],
                 adamw_lrs=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3]),
     # GPT-2-small width and depth with 128-wide heads; 8 x 1024 tokens per step
     "gpu": dict(model=["--hidden_size", "768", "--num_hidden_layers", "12", "--num_attention_heads", "6",
