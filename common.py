@@ -63,6 +63,8 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     a("--num_attention_heads", type=pos, default=None)
     a("--num_key_value_heads", type=pos, default=None)
     a("--max_seq_len", type=bounded(int, 2), default=None)
+    a("--norm_weights", action=argparse.BooleanOptionalAction, default=None,
+      help="RMSNorms with a learned gain (Qwen3's); --no-norm_weights: without, a faster backward")
     # batch and length of training
     a("--batch_size", type=pos, default=16, help="sequences per micro-batch per process")
     a("--accumulation_steps", type=pos, default=1, help="micro-batches per optimizer step")
@@ -300,9 +302,10 @@ def set_rng_state(state: dict, device: torch.device):
 def check_model_matches(ckpt: dict, args, tokenizer_fingerprint: str | None, path: str):
     """A checkpoint from another model shape or tokenizer stops with a clear message."""
     cfg = ckpt["model_config"]
-    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_seq_len"):
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_seq_len",
+                 "norm_weights"):
         want = getattr(args, name, None)
-        if want is not None and want != cfg[name]:
+        if want is not None and want != cfg.get(name, True):  # checkpoints from before norm_weights had them
             die(f"{path} has {name}={cfg[name]} but --{name} {want} was given; drop the flag or use a "
                 f"checkpoint of that shape")
     if tokenizer_fingerprint is not None and ckpt.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint):
@@ -323,11 +326,23 @@ def peak_flops(device: torch.device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def sync_time(device) -> float:
-    """time.time() once the device has finished its queued work (the host runs ahead on CUDA)."""
+def mark(device):
+    """A point in the device's queue of work, to time a span without making the host wait: a
+    recorded CUDA event on a GPU, the wall clock on the CPU."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
     return time.time()
+
+
+def ms_between(start, end) -> float:
+    """Milliseconds between two marks. On a GPU this waits for `end` to be reached, so read it
+    where the host waits anyway (the loops read it at the logged step's loss readback)."""
+    if isinstance(start, float):
+        return (end - start) * 1e3
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def memory_gb(device) -> float:

@@ -131,6 +131,12 @@ def tokenizer_config(tok, stage: str, max_seq_len: int) -> dict:
 
 def hf_tensors(state: dict, cfg: dict, dtype: str) -> dict:
     names = weight_names(cfg["num_hidden_layers"], cfg["tie_word_embeddings"])
+    if not cfg.get("norm_weights", True):
+        # RMSNorm without a gain computes what Qwen3's RMSNorm does with a gain of ones
+        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+        state = {**state, **{ours: torch.ones(head_dim if ours.endswith(("q_norm.weight", "k_norm.weight"))
+                                              else cfg["hidden_size"])
+                             for ours in names if ours.endswith("norm.weight")}}
     missing = [n for n in names if n not in state]
     if missing:
         die(f"checkpoint model weights lack {missing[:3]}: not a model.py GPT state dict")

@@ -24,6 +24,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
+    norm_weights: bool = True  # False: RMSNorms without a learned gain (x / rms(x)), a faster backward
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -55,16 +56,19 @@ class ModelConfig:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a learned gain, computed in float32 whatever the input dtype."""
+    """RMSNorm computed in float32 whatever the input dtype, with a learned gain (Qwen3's) or
+    without one (weight None: x / rms(x), as nanochat and modded-nanogpt have it). The gain's
+    gradient is a sum over every token, a second reduction in each norm's backward."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, weight: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
 
     def forward(self, x):
         # A mean of squares in bf16 loses precision; upcast, then hand back the caller's dtype.
-        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        return F.rms_norm(x.float(), (x.size(-1),), weight, self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float):
@@ -118,8 +122,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
         # QK-norm: normalising each head's q and k bounds the attention logits, so they
         # cannot blow up however large q_proj/k_proj grow (Muon updates are not small).
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_weights)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_weights)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, layer: int, kv_cache: KVCache | None):
@@ -165,9 +169,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_weights)
         self.attn = Attention(config)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_weights)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, layer: int, kv_cache: KVCache | None):
@@ -181,7 +185,7 @@ class GPT(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_weights)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -202,7 +206,7 @@ class GPT(nn.Module):
         # - o_proj and down_proj: zero, so every block starts as the identity and the
         #   network starts as a bigram model; gradients still reach them (their input is
         #   not zero), and Muon's orthogonalised update moves a zero matrix just fine.
-        # - Norm gains: one.
+        # - Norm gains (if any): one.
         nn.init.normal_(self.embed_tokens.weight, mean=0.0, std=0.02)
         if not self.config.tie_word_embeddings:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)
@@ -213,7 +217,7 @@ class GPT(nn.Module):
             nn.init.zeros_(attn.o_proj.weight)
             nn.init.zeros_(mlp.down_proj.weight)
         for module in self.modules():
-            if isinstance(module, RMSNorm):
+            if isinstance(module, RMSNorm) and module.weight is not None:
                 nn.init.ones_(module.weight)
 
     def forward(self, idx, targets=None, loss_mask=None, kv_cache: KVCache | None = None):

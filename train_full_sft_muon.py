@@ -22,10 +22,9 @@ import torch.distributed as dist
 
 from common import (EXIT_INTERRUPTED, MetricsLogger, answer_accuracy, answer_questions, any_rank, catch_interrupts,
                     check_model_matches, check_resume, cleanup_distributed, clip_grads, die, format_eta,
-                    load_checkpoint, load_checkpoint_tokenizer, lock_out_dir, memory_gb, peak_flops, print0,
-                    resolve_chat_data, rng_state, save_checkpoint, set_rng_state, setup_run, split_val, sync_grads,
-                    sync_time, total_steps_of,
-                    train_arg_parser)
+                    load_checkpoint, load_checkpoint_tokenizer, lock_out_dir, mark, memory_gb, ms_between,
+                    peak_flops, print0, resolve_chat_data, rng_state, save_checkpoint, set_rng_state, setup_run,
+                    split_val, sync_grads, total_steps_of, train_arg_parser)
 from data.loaders import SFTLoader, collate_sft, encode_sft
 from data.readers import DataError, read_sft_jsonl
 from model import GPT, ModelConfig, split_params, split_summary
@@ -191,7 +190,7 @@ def main():
                 or (args.save_interval and step % args.save_interval == 0))
 
     t_start, start_step = time.time(), step
-    t_log, step_log, history, muon_ms = t_start, step, [], None
+    t_log, step_log, history, muon_span = t_start, step, [], None
     while True:
         last = step >= total_steps
         if step % args.eval_interval == 0 or last:
@@ -246,12 +245,12 @@ def main():
         timed = muon_opt is not None and is_logged(step + 1)
         if scaler and not math.isfinite(grad_norm.item()):
             skipped += 1
-            muon_ms = None if timed else muon_ms
+            muon_span = None if timed else muon_span
         else:
-            t_muon = sync_time(device) if timed else 0.0
+            start = mark(device) if timed else None
             if muon_opt is not None:
                 muon_opt.step(grad_scale=clip)
-            muon_ms = (sync_time(device) - t_muon) * 1e3 if timed else muon_ms
+            muon_span = (start, mark(device)) if timed else muon_span
             adamw_opt.step()
         if scaler:
             scaler.update()
@@ -264,6 +263,7 @@ def main():
 
         # ---- logged step: the losses since the last one, a log row, maybe stop
         losses = torch.stack(history)[:, 0].tolist()
+        muon_ms = ms_between(*muon_span) if muon_span else None
         if not all(map(math.isfinite, losses)):
             bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
             die(f"loss is {losses[bad]} at step {step_log + bad}; stopping (the last checkpoint in {args.out_dir} "
@@ -282,7 +282,7 @@ def main():
                         f"{tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
                         + f" | mem {row['mem_gb']:.2f} GB" + (f" | muon {muon_ms:.1f}/{dt * 1e3:.0f} ms" if muon_ms else "")
                         + (f" | {skipped} skipped (fp16 overflow)" if skipped else "") + f" | ETA {format_eta(eta)}")
-        t_log, step_log, history, muon_ms = time.time(), step, [], None
+        t_log, step_log, history, muon_span = time.time(), step, [], None
         if any_rank(bool(interrupted), device, world_size) and step < total_steps:
             save(step, metrics)
             print0(f"interrupted: saved step {step} to {ckpt_path}; run again with --resume to continue")

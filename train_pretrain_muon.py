@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, catch_interrupts, check_model_matches, check_resume,
-                    cleanup_distributed, clip_grads, die, format_eta, load_checkpoint, lock_out_dir, memory_gb,
-                    peak_flops, print0, rng_state, save_checkpoint, set_rng_state, setup_run, sync_grads, sync_time,
+                    cleanup_distributed, clip_grads, die, format_eta, load_checkpoint, lock_out_dir, mark, memory_gb,
+                    ms_between, peak_flops, print0, rng_state, save_checkpoint, set_rng_state, setup_run, sync_grads,
                     total_steps_of, train_arg_parser)
 from data.loaders import TokenWindowLoader, eval_batches
 from data.prepare import prepare_source
@@ -27,7 +27,7 @@ from muon import DistMuon, Muon
 
 STAGE = "pretrain"
 DEFAULT_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                     max_seq_len=256)  # 3.2M parameters on the embedded corpus: a CPU demo in minutes
+                     max_seq_len=256, norm_weights=True)  # 3.2M parameters on the embedded corpus: a CPU demo in minutes
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -104,7 +104,7 @@ def main():
     init = load_checkpoint(args.init_from) if args.init_from and ckpt is None else None
     for name, default in DEFAULT_SHAPE.items():  # flags given > the checkpoint's shape > defaults
         if getattr(args, name) is None:
-            setattr(args, name, (ckpt or init)["model_config"][name] if (ckpt or init) else default)
+            setattr(args, name, vars(ModelConfig(**(ckpt or init)["model_config"]))[name] if (ckpt or init) else default)
 
     # ---------------------------------------------------------------- data
     try:
@@ -134,7 +134,8 @@ def main():
     try:
         config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden_size,
                              num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
-                             num_key_value_heads=args.num_key_value_heads, max_seq_len=args.max_seq_len)
+                             num_key_value_heads=args.num_key_value_heads, max_seq_len=args.max_seq_len,
+                             norm_weights=args.norm_weights)
     except ValueError as e:
         die(str(e))
     raw_model = GPT(config).to(device)
@@ -198,7 +199,7 @@ def main():
                 or (args.save_interval and step % args.save_interval == 0))
 
     t_start, start_step, val_loss = time.time(), step, None
-    t_log, step_log, history, muon_ms = t_start, step, [], None
+    t_log, step_log, history, muon_span = t_start, step, [], None
     while True:
         last = step >= total_steps
         if step % args.eval_interval == 0 or last:
@@ -250,12 +251,12 @@ def main():
         timed = muon_opt is not None and is_logged(step + 1)
         if scaler and not math.isfinite(grad_norm.item()):
             skipped += 1
-            muon_ms = None if timed else muon_ms
+            muon_span = None if timed else muon_span
         else:
-            t_muon = sync_time(device) if timed else 0.0
+            start = mark(device) if timed else None
             if muon_opt is not None:
                 muon_opt.step(grad_scale=clip)
-            muon_ms = (sync_time(device) - t_muon) * 1e3 if timed else muon_ms
+            muon_span = (start, mark(device)) if timed else muon_span
             adamw_opt.step()
         if scaler:
             scaler.update()
@@ -268,6 +269,7 @@ def main():
 
         # ---- logged step: the losses since the last one, a log row, maybe stop
         losses = torch.stack(history)[:, 0].tolist()
+        muon_ms = ms_between(*muon_span) if muon_span else None
         if not all(map(math.isfinite, losses)):
             bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
             die(f"loss is {losses[bad]} at step {step_log + bad}; stopping (the last checkpoint in {args.out_dir} "
@@ -286,7 +288,7 @@ def main():
                         f"{tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
                         + f" | mem {row['mem_gb']:.2f} GB" + (f" | muon {muon_ms:.1f}/{dt * 1e3:.0f} ms" if muon_ms else "")
                         + (f" | {skipped} skipped (fp16 overflow)" if skipped else "") + f" | ETA {format_eta(eta)}")
-        t_log, step_log, history, muon_ms = time.time(), step, [], None
+        t_log, step_log, history, muon_span = time.time(), step, [], None
         if any_rank(bool(interrupted), device, world_size) and step < total_steps:
             save(step, val_loss)
             print0(f"interrupted: saved step {step} to {ckpt_path}; run again with --resume to continue")

@@ -8,7 +8,7 @@ Every Muon run uses the same --lr_muon and --lr_adamw (take the best ones from c
 the options are not re-tuned. Cautious weight decay only acts with weight decay, so it is compared
 with plain Muon at the same --weight_decay ("plain_wd"). Reports final val loss, and the tokens each
 run needs to reach plain Muon's final val loss (efficiency = plain's tokens / the run's).
-Writes bench/results/muon_options_<scale>.{md,json,png}.
+Writes bench/results/muon_options_<scale>[_<data>].{md,json,png}.
 """
 import argparse
 import json
@@ -104,7 +104,9 @@ def main():
                      "wall_s": round(wall, 1)})
 
     import torch
-    name = f"muon_options_{args.scale}"
+    # the default data keeps the plain name; other data adds its directory's name
+    name = f"muon_options_{args.scale}" + (f"_{os.path.basename(os.path.abspath(args.data_path))}"
+                                           if args.data_path else "")
     meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "command": " ".join(["python"] + sys.argv), "steps": steps, "lr_muon": args.lr_muon,

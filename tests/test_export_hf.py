@@ -26,6 +26,7 @@ SHAPES = {  # tied with 2 query heads per kv head; untied with one kv head and n
     "tied_gqa": dict(num_key_value_heads=2),
     "untied_mqa": dict(num_key_value_heads=1, tie_word_embeddings=False, intermediate_size=96,
                        rope_theta=5000.0, rms_norm_eps=1e-5),
+    "no_norm_weights": dict(num_key_value_heads=2, norm_weights=False),
 }
 PLAIN_TEXTS = [
     "",
@@ -231,10 +232,14 @@ def test_chat_template_refuses_an_unknown_role(hf_tok):
 def test_round_trip_gives_identical_weights_config_and_logits(exported):
     model, hf_dir, _ = exported
     ckpt = load_hf_checkpoint(hf_dir)
-    assert ckpt["stage"] == "hf" and ckpt["model_config"] == vars(model.config)
+    # Qwen3's norms have gains: a model without them comes back with gains of one
+    assert ckpt["stage"] == "hf" and ckpt["model_config"] == {**vars(model.config), "norm_weights": True}
     original = model.state_dict()
-    assert ckpt["model"].keys() == original.keys()
+    gains = {k for k in ckpt["model"] if k.endswith("norm.weight")}
+    assert ckpt["model"].keys() == original.keys() | gains and len(gains) == 4 * model.config.num_hidden_layers + 1
     assert all(torch.equal(ckpt["model"][k], v) for k, v in original.items())
+    if not model.config.norm_weights:
+        assert all(torch.equal(ckpt["model"][k], torch.ones_like(ckpt["model"][k])) for k in gains)
     again = GPT(ModelConfig(**ckpt["model_config"])).eval()
     again.load_state_dict(ckpt["model"])
     idx = token_batch(model.config.vocab_size)

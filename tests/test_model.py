@@ -95,6 +95,20 @@ def test_zeroing_q_norm_weight_changes_logits():
     assert (after - before).abs().max() > 1e-3
 
 
+def test_norms_without_weights_are_the_weighted_model_with_unit_gains():
+    weightless = tiny_model(norm_weights=False)
+    assert not any("norm" in name for name, _ in weightless.named_parameters())
+    weighted = tiny_model(seed=1)  # random gains, so the two differ until they are set to one
+    weighted.load_state_dict(weightless.state_dict(), strict=False)
+    idx = tokens(2, 16)
+    with torch.no_grad():
+        assert (weighted(idx)[0] - weightless(idx)[0]).abs().max() > 1e-3
+        for name, p in weighted.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+        assert torch.equal(weighted(idx)[0], weightless(idx)[0])
+
+
 def test_gqa_projection_shapes():
     model = tiny_model(randomize=False)
     head_dim = HIDDEN // HEADS

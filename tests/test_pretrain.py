@@ -277,6 +277,20 @@ def test_init_from_starts_from_the_checkpoint_weights_and_refuses_another_shape(
     assert bad.returncode != 0 and "hidden_size=64" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_no_norm_weights_is_saved_with_the_model_and_kept_by_a_continued_run(data_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    pretrain(data_dir, first, "--max_steps", "2", "--eval_interval", "2", "--no-norm_weights")
+    ckpt = torch.load(first / "pretrain.pt", weights_only=False)
+    assert ckpt["model_config"]["norm_weights"] is False
+    assert not any("norm" in name for name in ckpt["model"])
+    # without the flag, a run from that checkpoint takes its norms; with the other value it stops
+    pretrain(data_dir, second, "--init_from", str(first / "pretrain.pt"), "--max_steps", "2", "--eval_interval", "2")
+    assert torch.load(second / "pretrain.pt", weights_only=False)["model_config"]["norm_weights"] is False
+    bad = pretrain(data_dir, tmp_path / "third", "--init_from", str(first / "pretrain.pt"), "--norm_weights",
+                   "--max_steps", "2", check=False)
+    assert bad.returncode != 0 and "norm_weights=False" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_lr_adamw_default_follows_the_optimizer(monkeypatch):
     # next to Muon, AdamW trains only the embedding, head and norms and wants a higher LR than alone
     import train_pretrain_muon
