@@ -79,15 +79,18 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     a("--momentum", type=bounded(float, 0, 1), default=0.95, help="Muon momentum (after its warmup)")
     a("--momentum_start", type=bounded(float, 0, 1), default=0.85,
       help="Muon momentum at step 0 and after the cool-down")
-    a("--momentum_warmup_steps", type=nonneg, default=0, help="ramp Muon momentum from --momentum_start (0: off)")
-    a("--momentum_cooldown_steps", type=nonneg, default=0, help="ramp it back to --momentum_start at the end")
+    a("--momentum_warmup_steps", type=nonneg, default=0,
+      help="ramp Muon momentum from --momentum_start (0: off; pretraining's default: 100)")
+    a("--momentum_cooldown_steps", type=nonneg, default=0,
+      help="ramp it back to --momentum_start at the end (pretraining's default: 50)")
     a("--ns_coefficients", choices=["quintic", "polar_express"], default="quintic",
       help="Newton-Schulz polynomials")
     a("--normuon", action=argparse.BooleanOptionalAction, default=False, help="NorMuon row/column normalisation")
     a("--normuon_beta2", type=bounded(float, 0, 1), default=0.95, help="NorMuon's second-moment decay")
     a("--cautious_wd", action=argparse.BooleanOptionalAction, default=False,
       help="Muon decays a weight only where its update has the same sign")
-    a("--weight_decay", type=nonneg_f, default=0.0, help="decoupled weight decay of both optimizers' matrices")
+    a("--weight_decay", type=nonneg_f, default=0.0,
+      help="decoupled weight decay of both optimizers' matrices (pretraining's default: 0.1)")
     a("--warmup_steps", type=nonneg, default=20)
     a("--min_lr_ratio", type=bounded(float, 0, 1), default=0.1, help="cosine decays each LR to this fraction of its peak")
     a("--grad_clip", type=nonneg_f, default=1.0, help="clip the global gradient norm (0: off)")

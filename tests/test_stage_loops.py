@@ -114,7 +114,9 @@ def test_fp16_counts_skipped_steps_in_every_row_and_times_muon_only_at_steps_tha
 
 def test_fp16_resume_continues_the_loss_scale_and_the_skip_count_exactly(data_dir, init_ckpts, tmp_path):
     # the GradScaler's scale is part of the checkpoint: restarting it at 2**16 would skip again
-    flags = [*FP16["pretrain"], "--dtype", "float16", "--eval_interval", "4", "--min_lr_ratio", "1"]
+    # constant LR and momentum, so a first part run to --max_steps 4 follows the 8-step run's schedules
+    flags = [*FP16["pretrain"], "--dtype", "float16", "--eval_interval", "4", "--min_lr_ratio", "1",
+             "--momentum_warmup_steps", "0", "--momentum_cooldown_steps", "0"]
     run("pretrain", data_dir, tmp_path / "straight", init_ckpts, *flags, "--max_steps", "8")
     run("pretrain", data_dir, tmp_path / "split", init_ckpts, *flags, "--max_steps", "4")
     run("pretrain", data_dir, tmp_path / "split", init_ckpts, *flags, "--max_steps", "8", "--resume")
