@@ -75,8 +75,11 @@ def main():
 
     spec = SCALES[args.scale]
     steps = args.steps or spec["steps"]
+    # plain Muon: no weight decay and a constant momentum (pretraining's defaults have both); each variant
+    # adds its flags after these
     common = ["--max_steps", str(steps), "--eval_interval", str(spec["eval_interval"]), "--log_interval", "25",
-              "--sample_prompt", "", "--lr_muon", str(args.lr_muon), "--lr_adamw", str(args.lr_adamw), *spec["model"]]
+              "--sample_prompt", "", "--lr_muon", str(args.lr_muon), "--lr_adamw", str(args.lr_adamw), *spec["model"],
+              "--weight_decay", "0", "--momentum_warmup_steps", "0", "--momentum_cooldown_steps", "0"]
     if args.data_path:
         common += ["--data_path", args.data_path]
     common += args.extra.split()
