@@ -307,9 +307,9 @@ def check_model_matches(ckpt: dict, args, tokenizer_fingerprint: str | None, pat
     cfg = ckpt["model_config"]
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_seq_len",
                  "norm_weights"):
-        want = getattr(args, name, None)
-        if want is not None and want != cfg.get(name, True):  # checkpoints from before norm_weights had them
-            die(f"{path} has {name}={cfg[name]} but --{name} {want} was given; drop the flag or use a "
+        want, have = getattr(args, name, None), cfg.get(name, True)  # checkpoints from before norm_weights had them
+        if want is not None and want != have:
+            die(f"{path} has {name}={have} but --{name} {want} was given; drop the flag or use a "
                 f"checkpoint of that shape")
     if tokenizer_fingerprint is not None and ckpt.get("tokenizer_fingerprint") not in (None, tokenizer_fingerprint):
         die(f"{path} was trained with another tokenizer ({ckpt.get('tokenizer_fingerprint')}) than the data's "

@@ -26,8 +26,9 @@ from model import GPT, ModelConfig, split_params, split_summary
 from muon import DistMuon, Muon
 
 STAGE = "pretrain"
+# 3.2M parameters on the embedded corpus: a CPU demo in minutes (a checkpoint from before norm_weights had them)
 DEFAULT_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                     max_seq_len=256, norm_weights=True)  # 3.2M parameters on the embedded corpus: a CPU demo in minutes
+                     max_seq_len=256, norm_weights=True)
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -105,7 +106,7 @@ def main():
     init = load_checkpoint(args.init_from) if args.init_from and ckpt is None else None
     for name, default in DEFAULT_SHAPE.items():  # flags given > the checkpoint's shape > defaults
         if getattr(args, name) is None:
-            setattr(args, name, vars(ModelConfig(**(ckpt or init)["model_config"]))[name] if (ckpt or init) else default)
+            setattr(args, name, (ckpt or init)["model_config"].get(name, default) if (ckpt or init) else default)
 
     # ---------------------------------------------------------------- data
     try:

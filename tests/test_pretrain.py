@@ -291,6 +291,16 @@ def test_no_norm_weights_is_saved_with_the_model_and_kept_by_a_continued_run(dat
     assert bad.returncode != 0 and "norm_weights=False" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_a_checkpoint_from_before_norm_weights_counts_as_having_them(capsys):
+    from argparse import Namespace
+    from common import check_model_matches
+    old = {"model_config": {"hidden_size": 64}}  # no "norm_weights" key
+    check_model_matches(old, Namespace(norm_weights=True), None, "old.pt")
+    with pytest.raises(SystemExit):
+        check_model_matches(old, Namespace(norm_weights=False), None, "old.pt")
+    assert "old.pt has norm_weights=True but --norm_weights False" in capsys.readouterr().err
+
+
 def test_lr_adamw_default_follows_the_optimizer(monkeypatch):
     # next to Muon, AdamW trains only the embedding, head and norms and wants a higher LR than alone
     import train_pretrain_muon
