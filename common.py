@@ -49,8 +49,8 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     """The flags every stage script has, under the same names (stage defaults are set by each script).
     Every number is checked at parse time: argparse names the flag and the allowed range."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"Ctrl-C or SIGTERM saves the checkpoint and exits with status {EXIT_INTERRUPTED}; "
-                                       "--resume continues exactly.")
+                                epilog=f"Ctrl-C or SIGTERM saves the checkpoint and exits with status {EXIT_INTERRUPTED} "
+                                       "(a second one stops at once); --resume continues exactly.")
     a = p.add_argument
     pos, nonneg, pos_f, nonneg_f = bounded(int, 1), bounded(int, 0), bounded(float, 0, above=True), bounded(float, 0)
     a("--data_path", default=None, help="data to train on (default: the embedded corpus, prepared on first use)")
@@ -164,11 +164,22 @@ def cleanup_distributed():
 
 def catch_interrupts() -> list:
     """Ctrl-C or a scheduler's SIGTERM only append to the returned list; the loop reads it at its
-    next logged step, saves, and exits with EXIT_INTERRUPTED."""
+    next logged step, saves, and exits with EXIT_INTERRUPTED. A second one stops the process at once
+    (the last checkpoint is intact): the next logged step may never come, e.g. while torch.compile's
+    workers, signalled with the process group, are gone."""
     import signal
     interrupted = []
+
+    def handler(sig, frame):
+        if interrupted:
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+        interrupted.append(True)
+        print(f"{signal.Signals(sig).name}: saving at the next logged step; send it again to stop now",
+              file=sys.stderr, flush=True)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: interrupted.append(True))
+        signal.signal(sig, handler)
     return interrupted
 
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -282,3 +283,31 @@ def test_dpo_pairs_with_identical_replies_are_counted_in_a_warning(data_dir, fin
             "--max_steps", "1", "--eval_interval", "1")
     warnings = [line for line in r.stdout.splitlines() if line.startswith("warning:")]
     assert any("2 of 8 pairs" in line and "identical" in line for line in warnings), r.stdout[-2000:]
+
+
+def test_a_second_sigterm_stops_a_run_whose_next_logged_step_is_far_away(data_dir, tmp_path):
+    # the first signal waits for the next logged step; a run that will not reach it soon (here a log
+    # interval past the end; on a GPU, compile workers killed by the same signal) stops on the second
+    flags = ["--max_steps", "1000000", "--log_interval", "1000000", "--eval_interval", "1000000"]
+    proc = subprocess.Popen(command("pretrain", data_dir, tmp_path, *flags), cwd=ROOT, env=script_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+
+    def wait_for(text):
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(text in line for line in lines):
+            time.sleep(0.02)
+        return any(text in line for line in lines)
+
+    try:
+        assert wait_for("val loss"), "".join(lines)[-3000:]  # the step-0 eval: training has started
+        proc.send_signal(signal.SIGTERM)
+        assert wait_for("send it again to stop now"), "".join(lines)[-3000:]
+        time.sleep(0.5)
+        assert proc.poll() is None, "".join(lines)[-3000:]  # the first signal alone does not stop it
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGTERM, "".join(lines)[-3000:]
+    finally:
+        proc.kill()
