@@ -19,17 +19,14 @@ The update for a weight W with gradient G (momentum beta, learning rate lr, weig
     W  <- W - lr * scale(W) * O                 scale: "original"        max(1, rows/cols) ** 0.5
                                                        "match_rms_adamw" 0.2 * max(rows, cols) ** 0.5
 
-Shapes: a 2-D parameter is one matrix. A 3-D parameter is a *stack* of matrices (e.g. MoE experts,
-[E, rows, cols]) and each matrix is orthogonalised on its own. A parameter with 4 or more dims is
-conv-like and is flattened to (shape[0], -1) for the update.
+Shapes: a 2-D parameter is one matrix; a 3-D one a stack of matrices (MoE experts [E, rows, cols]), each
+orthogonalised on its own; 4-D and up (conv-like) is flattened to (shape[0], -1).
 
-State: one entry per parameter, {"momentum_buffer": tensor of the parameter's shape} (the format of
-torch.optim.Muon) plus, with normuon, {"second_moment": the matrix view's shape with the averaged dim
-set to 1}. A state dict moves freely between Muon, DistMuon and any world size.
+State: per parameter {"momentum_buffer"} (torch.optim.Muon's format), plus {"second_moment"} with normuon.
+A state dict moves freely between Muon, DistMuon and any world size.
 
-Speed: same-shape parameters form one stack, stepped with one batched Newton-Schulz (`stacked`); on CUDA
-each stack's step is one compiled graph (`hyperparameters`) and Newton-Schulz takes muon_fast.py's Triton
-path, which computes the same polynomial.
+Speed: same-shape parameters form one stack stepped by one batched Newton-Schulz (`stacked`); on CUDA each
+stack's step is one compiled graph and Newton-Schulz takes muon_fast.py's Triton path (the same polynomial).
 """
 import math
 
@@ -75,11 +72,10 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, coefficients: str = "
     """Orthogonalise each matrix of G (..., rows, cols): `steps` Newton-Schulz iterations in bf16.
 
     Dividing by the Frobenius norm puts every singular value in (0, 1], where the polynomials are fitted
-    (Polar Express divides by 2% more: bf16 rounding can push the top one a little past 1). Each iteration
-    X <- a X + (b A + c A^2) X with A = X X^T applies the odd polynomial above to every singular value at
-    once; a wide X makes A the small Gram matrix, so a tall G is transposed first. The result's singular
-    values are ~1, which trains as well as the exact polar factor U V^T and costs a handful of matmuls.
-    """
+    (Polar Express divides by 2% more: bf16 rounding can push the top one past 1). Each iteration
+    X <- a X + (b A + c A^2) X with A = X X^T applies the polynomial to every singular value at once; a
+    tall G is transposed first so that A is the small Gram matrix. Singular values ~1 train as well as
+    the exact polar factor U V^T, for a handful of matmuls."""
     if G.ndim < 2:
         raise ValueError(f"Newton-Schulz needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
     coefficients = newton_schulz_coefficients(coefficients, steps)
@@ -105,12 +101,10 @@ def momentum_update(G: Tensor, M: Tensor, momentum, nesterov: bool) -> Tensor:
 def normuon(O: Tensor, V: Tensor, beta2) -> Tensor:
     """NorMuon: even out the size of O's rows (or columns) with an Adam-like second moment V.
 
-    Orthogonalisation makes O's vectors along its *smaller* dim unit-norm, but leaves the other dim's vectors
-    (the rows of a tall O, the columns of a wide one) of uneven size. Keep a running mean V of their squared
-    entries (one number per such row or column, updated in place) and divide by its square root; then restore
-    O's Frobenius norm, so lr and adjust_lr mean what they mean without normuon. The paper fixes the RMS
-    instead (0.2, as match_rms_adamw does).
-    """
+    Orthogonalisation leaves the rows of a tall O (the columns of a wide one) of uneven size. Keep a running
+    mean V of their squared entries (one number per row or column, in place) and divide by its square root;
+    then restore O's Frobenius norm, so lr and adjust_lr mean what they mean without normuon (the paper
+    fixes the RMS at 0.2 instead, as match_rms_adamw does)."""
     O = O.float()
     dim = -1 if O.size(-2) >= O.size(-1) else -2
     sq = O.square().mean(dim=dim, keepdim=True)  # the only pass over O before the update itself
@@ -175,11 +169,10 @@ def second_moment_shape(p: Tensor) -> tuple:
 
 
 def stacked(tensors: list, rebind) -> Tensor:
-    """The tensors as one stack [n, *matrix view] that they are views of, so a step reads and writes a whole
-    group in single kernels. The first step moves each weight (p.data) or state buffer into the stack through
-    `rebind(i, view)`; a parameter keeps its identity, shape and grad. Later steps find the stack again from
-    the tensors' storage; a tensor given new storage since (load_state_dict, .to(), a buffer set by hand)
-    breaks the run of consecutive rows, and the group is stacked anew."""
+    """The tensors as one stack [n, *matrix view] that they are views of, so a step reads and writes a group
+    in single kernels. The first step moves each weight (p.data) or state buffer into the stack through
+    `rebind(i, view)`; a parameter keeps its identity, shape and grad. Later steps find the stack from the
+    storage; a tensor given new storage since (load_state_dict, .to()) makes the group stack anew."""
     first = tensors[0]
     shape, nbytes = matrix_view(first).shape, first.numel() * first.element_size()
     storage = first.untyped_storage()
@@ -232,9 +225,8 @@ _compiled = {}
 
 
 def compiled(fn, compile, on_cuda: bool):
-    """fn, or fn under torch.compile (once per function and backend) as Muon's `compile` option says: one graph
-    per stack shape and option set. A model with more distinct stacks than dynamo's recompile limit (8 by
-    default) runs the rest eagerly, with dynamo's warning; raise torch._dynamo.config.recompile_limit for it."""
+    """fn, or fn under torch.compile (once per function and backend) as Muon's `compile` option says: a graph
+    per stack shape and option set. Stacks past dynamo's recompile_limit (8) run eagerly, with its warning."""
     backend = on_cuda if compile is None else compile
     if not backend:
         return fn
@@ -289,19 +281,17 @@ class Muon(torch.optim.Optimizer):
 class DistMuon(Muon):
     """Muon spread over the ranks of the default process group (NCCL or gloo); same options as Muon.
 
-    Every rank holds all weights and its own local gradients; there is no DDP wrapper: this optimizer averages
-    the Muon gradients. Each same-shape group of n matrices, zero padded to a multiple of the world size W, is
-    split into W slices, and rank r owns slice r. A step:
+    Every rank holds all weights and its local gradients (no DDP wrapper: this optimizer averages the Muon
+    gradients). Each same-shape group, zero padded to a multiple of the world size W, is cut into W slices;
+    rank r owns slice r. A step:
 
       1. reduce_grads: an async reduce-scatter (average) of every group's stacked gradients;
-      2. per group: wait for its slice; the owner runs momentum, Nesterov and Newton-Schulz (and NorMuon) and
-         launches an async all-gather of the bf16 updates, so one group's compute overlaps the other groups'
-         collectives;
-      3. per group: wait for its updates; every rank applies them to all its weights (identical inputs and
-         elementwise math keep the replicas identical).
+      2. per group: the owner turns its slice into bf16 updates (orthogonalised_update) and launches an
+         async all-gather, so one group's compute overlaps the other groups' collectives;
+      3. per group: every rank applies all updates to its replica (identical math keeps replicas identical).
 
-    State exists only for owned parameters: ~1/W of Muon's per rank. state_dict() gathers it into Muon's format
-    and load_state_dict() keeps only this rank's share: both are collective, call them on every rank.
+    State exists only for owned parameters (~1/W of Muon's). state_dict() gathers it into Muon's format and
+    load_state_dict() keeps this rank's share: both are collective, call them on every rank.
     """
 
     def __init__(self, params, **options):
@@ -343,11 +333,8 @@ class DistMuon(Muon):
 
     @torch.no_grad()
     def grad_sq_sum(self) -> Tensor:
-        """Sum of squares of the averaged gradients of all Muon parameters (collective), for clipping.
-
-        The averaged gradient exists only as the owners' slices, so this runs phase 1 and waits: with clipping
-        on, every reduce-scatter has finished before the first Newton-Schulz and only the all-gathers overlap
-        compute."""
+        """Sum of squares of the averaged Muon gradients (collective), for clipping. They exist only as the
+        owners' slices, so this runs phase 1 and waits: with clipping on, only the all-gathers overlap compute."""
         self.reduce_grads()
         total = torch.zeros((), device=self.param_groups[0]["params"][0].device)
         for work, mine in self._pending:
