@@ -259,6 +259,13 @@ def data_info(data_dir):
         return json.load(f)
 
 
+def data_label(data_path):
+    """What results are named after: a prepared directory's name, or for an SFT file
+    (data/prepared/english_tasks/sft_train.jsonl) its folder's."""
+    path = os.path.abspath(data_path).rstrip("/")
+    return os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
+
+
 def describe_data(name, info):
     if not info:
         return name
@@ -458,8 +465,7 @@ def report(args, ap, grids, results, data_dir, steps, jobs):
     """Write <name>.md/.json (+ .png), print the markdown: the summary table comes last."""
     import torch
     rows, curves = summary_rows(grids, results)
-    data_name = os.path.basename(os.path.abspath(data_dir).rstrip("/"))
-    data_name = os.path.splitext(data_name)[0]
+    data_name = data_label(data_dir)
     name = f"compare_{args.stage}_{args.scale}_{data_name}"
     meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

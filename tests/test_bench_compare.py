@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bench.compare_optimizers import (best_config, check_extra, edge_flags, failure, gpu_slots, mean_curve,
+from bench.compare_optimizers import (best_config, check_extra, data_label, edge_flags, failure, gpu_slots, mean_curve,
                                       spread, steps_within_one_epoch, token_efficiency, tokens_to_reach)
 from data.prepare import prepare_default
 
@@ -59,6 +59,14 @@ def test_steps_stay_within_one_epoch_of_the_training_tokens_and_under_the_cap():
     assert steps_within_one_epoch(2_400_000, 8 * 1024, 300) == 292
     assert steps_within_one_epoch(10_000_000, 8 * 1024, 300) == 300
     assert steps_within_one_epoch(1000, 8 * 1024, 300) == 1
+
+
+def test_results_are_named_after_the_data_directory_or_an_sft_files_folder(tmp_path):
+    tasks = tmp_path / "english_tasks"
+    tasks.mkdir()
+    (tasks / "sft_train.jsonl").write_text("{}\n")
+    assert data_label(str(tasks / "sft_train.jsonl")) == "english_tasks"
+    assert data_label(str(tasks) + "/") == "english_tasks"
 
 
 def test_concurrent_jobs_are_dealt_round_robin_over_the_gpus():
