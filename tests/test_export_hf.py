@@ -12,7 +12,7 @@ from common import save_checkpoint
 from conftest import randomize, run_main
 from data.chat import render_prompt
 from data.tokenizer import load_tokenizer, train_tokenizer
-from export_hf import export, load_hf_checkpoint
+from export_hf import export, load_hf_checkpoint, weight_names
 from model import GPT, ModelConfig
 
 LOGITS_ATOL = 1e-4  # fp32, both sides on CPU: max |ours - HF| over every logit
@@ -131,6 +131,22 @@ def test_exported_model_gives_the_same_logits(exported):
     theirs = hf_model(input_ids=idx).logits
     assert theirs.shape == ours.shape
     assert (ours - theirs).abs().max().item() < LOGITS_ATOL
+
+
+def test_every_gradient_equals_qwen3s(exported):
+    # the same function as Qwen3's, so the same gradient for every weight, the norms' gains included
+    model, _, hf_model = exported
+    idx = token_batch(model.config.vocab_size)
+    model(idx[:, :-1], idx[:, 1:])[1].backward()
+    hf_model(input_ids=idx, labels=idx).loss.backward()  # HF shifts the labels itself
+    hf_params = dict(hf_model.named_parameters())
+    names = weight_names(model.config.num_hidden_layers, model.config.tie_word_embeddings)
+    for ours, p in model.named_parameters():
+        theirs = hf_params[names[ours]]
+        assert p.grad is not None and theirs.grad is not None, ours
+        torch.testing.assert_close(p.grad, theirs.grad, rtol=1e-4, atol=1e-6, msg=ours)
+    model.zero_grad()
+    hf_model.zero_grad()
 
 
 @torch.no_grad()
