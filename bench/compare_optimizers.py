@@ -260,10 +260,13 @@ def data_info(data_dir):
 
 
 def data_label(data_path):
-    """What results are named after: a prepared directory's name, or for an SFT file
-    (data/prepared/english_tasks/sft_train.jsonl) its folder's."""
+    """What results are named after: a directory's name, a raw file's stem (books.txt: books), or for
+    a prepared SFT file (data/prepared/english_tasks/sft_train.jsonl) its folder's."""
     path = os.path.abspath(data_path).rstrip("/")
-    return os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
+    if not os.path.isfile(path):
+        return os.path.basename(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.basename(os.path.dirname(path)) if stem == "sft_train" else stem
 
 
 def describe_data(name, info):

@@ -18,7 +18,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.compare_optimizers import SCALES, evals, plot, run, tokens_to_reach  # noqa: E402
+from bench.compare_optimizers import SCALES, data_label, evals, plot, run, tokens_to_reach  # noqa: E402
 from bench.muon_step import write_table  # noqa: E402
 
 
@@ -108,8 +108,7 @@ def main():
 
     import torch
     # the default data keeps the plain name; other data adds its directory's name
-    name = f"muon_options_{args.scale}" + (f"_{os.path.basename(os.path.abspath(args.data_path))}"
-                                           if args.data_path else "")
+    name = f"muon_options_{args.scale}" + (f"_{data_label(args.data_path)}" if args.data_path else "")
     meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "command": " ".join(["python"] + sys.argv), "steps": steps, "lr_muon": args.lr_muon,

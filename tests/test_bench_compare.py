@@ -61,12 +61,14 @@ def test_steps_stay_within_one_epoch_of_the_training_tokens_and_under_the_cap():
     assert steps_within_one_epoch(1000, 8 * 1024, 300) == 1
 
 
-def test_results_are_named_after_the_data_directory_or_an_sft_files_folder(tmp_path):
+def test_results_are_named_after_the_data_directory_a_files_stem_or_an_sft_files_folder(tmp_path):
     tasks = tmp_path / "english_tasks"
     tasks.mkdir()
     (tasks / "sft_train.jsonl").write_text("{}\n")
     assert data_label(str(tasks / "sft_train.jsonl")) == "english_tasks"
     assert data_label(str(tasks) + "/") == "english_tasks"
+    (tasks / "books.txt").write_text("text\n")
+    assert data_label(str(tasks / "books.txt")) == "books"
 
 
 def test_concurrent_jobs_are_dealt_round_robin_over_the_gpus():
