@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import model_fast
+
 
 @dataclass
 class ModelConfig:
@@ -89,6 +91,14 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def norm_rope(norm: RMSNorm, x, cos, sin):
+    """apply_rope(norm(x)) on q or k (B, T, heads, head_dim); with a gain on CUDA, model_fast's
+    kernels compute the same."""
+    if norm.weight is not None and model_fast.enabled(x):
+        return model_fast.norm_rope(x, norm.weight, norm.eps, cos, sin)
+    return apply_rope(norm(x), cos, sin)
+
+
 class KVCache:
     """Keys and values of every token seen so far: one (k, v) pair per layer,
     each (B, num_key_value_heads, seq_len, head_dim). Grows by concatenation,
@@ -132,8 +142,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         # Norm before RoPE: RoPE is a rotation, so it keeps the unit RMS the norm produced.
-        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)  # (B, heads, T, head_dim)
-        k = apply_rope(self.k_norm(k), cos, sin).transpose(1, 2)
+        q = norm_rope(self.q_norm, q, cos, sin).transpose(1, 2)  # (B, heads, T, head_dim)
+        k = norm_rope(self.k_norm, k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
         past = 0
         if kv_cache is not None:

@@ -80,9 +80,11 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, coefficients: str = "
         raise ValueError(f"Newton-Schulz needs a matrix or a stack of matrices, got shape {tuple(G.shape)}")
     coefficients = newton_schulz_coefficients(coefficients, steps)
     margin = 1.02 if coefficients[0] == POLAR_EXPRESS[0] else 1.0
-    tall = G.size(-2) > G.size(-1)
-    X = G.bfloat16().mT if tall else G.bfloat16()
+    # normalised in G's own layout: compiled, the norm of a transposed view reads across rows and is slow
+    X = G.bfloat16()
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)
+    tall = G.size(-2) > G.size(-1)
+    X = X.mT if tall else X
     if muon_fast.enabled(X) and X.ndim == 3:  # the same iterations with half-cost symmetric products
         X = muon_fast.newton_schulz(X, coefficients)
     else:

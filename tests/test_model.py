@@ -340,3 +340,54 @@ def test_uncached_generation_crops_the_context_and_keeps_going():
     model = tiny_model()
     out = model.generate(tokens(2, 20), CONTEXT, temperature=0.0, use_cache=False)
     assert out.shape == (2, 20 + CONTEXT)
+
+
+FAST_NORM_ROPE_CHECK = """
+import torch, model, model_fast
+assert model_fast.triton is not None, "triton is missing"
+torch.manual_seed(0)
+# fp32: Triton's CPU interpreter mishandles bf16. Shapes: rows a multiple of the block and not, a half
+# head_dim that is not a power of two, a gradient laid out as SDPA's (B, heads, T, head_dim) transposed.
+for (B, T, H, D), transposed in [((2, 16, 2, 8), False), ((1, 7, 5, 12), True), ((3, 11, 2, 16), True)]:
+    x = torch.randn(B, T, H, D, requires_grad=True)
+    norm = model.RMSNorm(D, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    cos, sin = model.rope_tables(D, T + 3, 10000.0)
+    cos, sin = cos[3:], sin[3:]  # positions after 3 cached tokens
+    up = torch.randn(B, H, T, D).transpose(1, 2) if transposed else torch.randn(B, T, H, D)
+    plain = model.apply_rope(norm(x), cos, sin)
+    fast = model_fast.norm_rope(x, norm.weight, norm.eps, cos, sin)
+    for a, b in zip((plain, *torch.autograd.grad(plain, (x, norm.weight), up)),
+                    (fast, *torch.autograd.grad(fast, (x, norm.weight), up))):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), ((B, T, H, D), (a - b).abs().max().item())
+# the whole model with the kernels in its attention, against the plain path
+cfg = model.ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, max_seq_len=16)
+m = model.GPT(cfg)
+with torch.no_grad():
+    for p in m.parameters():
+        p.add_(0.1 * torch.randn_like(p))
+idx = torch.randint(0, 64, (2, 16))
+runs = []
+for fast in (False, True):
+    model_fast.enabled = lambda x: fast
+    m.zero_grad()
+    _, loss = m(idx, idx)
+    loss.backward()
+    runs.append([loss.detach()] + [p.grad.clone() for p in m.parameters()])
+for a, b in zip(*runs):
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max().item()
+print("ok")
+"""
+
+
+def test_fast_qk_norm_rope_computes_the_plain_path_and_its_gradients():
+    """model_fast's Triton kernels (QK-norm with a gain, then RoPE, and their backward) run through
+    Triton's CPU interpreter against apply_rope(RMSNorm(x)) and autograd, alone and inside the model."""
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", FAST_NORM_ROPE_CHECK], cwd=os.path.dirname(os.path.dirname(__file__)),
+                       env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

@@ -1,0 +1,116 @@
+"""The fast path of QK-norm + RoPE on CUDA: model.apply_rope(RMSNorm(x)) on q or k with a learned
+gain, as one Triton kernel forward and one backward. Left to the compiler, the gain's gradient (a sum
+over every token and head) splits the backward into a rotation pass, a norm pass per tensor and a
+final sum. model.norm_rope calls `norm_rope` here when `enabled(x)`; set `model_fast.ENABLED = False`
+to run the plain path on CUDA too. Speed only: tests hold it equal to the plain path.
+"""
+import torch
+from torch import Tensor
+
+try:  # ships with CUDA builds of torch; CPU tests run the kernels through Triton's interpreter
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+ENABLED = True
+BLOCK_ROWS = 32  # rows (one token's head each) per program
+
+
+def enabled(x: Tensor) -> bool:
+    return ENABLED and triton is not None and x.is_cuda
+
+
+def norm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE(weight * x / rms(x)) for x (B, T, heads, head_dim); cos, sin (T, head_dim // 2)."""
+    return NormRoPE.apply(x, weight, eps, cos, sin)
+
+
+def _launch(x: Tensor):
+    B, T, H, D = x.shape
+    rows = B * T * H
+    grid = (triton.cdiv(rows, BLOCK_ROWS),)
+    return grid, dict(n_rows=rows, T=T, H=H, HALF=D // 2, BLOCK_H=triton.next_power_of_2(D // 2), BLOCK_R=BLOCK_ROWS)
+
+
+class NormRoPE(torch.autograd.Function):
+    """The forward saves x alone; the backward recomputes the norm and writes each program's share
+    of the gain's gradient, summed at the end."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, cos, sin):
+        grid, meta = _launch(x)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _forward_kernel[grid](x, weight, cos, sin, y, eps, *x.stride(), cos.stride(0), **meta)
+        ctx.save_for_backward(x, weight, cos, sin)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, cos, sin = ctx.saved_tensors
+        grid, meta = _launch(x)
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dw = torch.empty((grid[0], x.size(-1)), dtype=torch.float32, device=x.device)
+        _backward_kernel[grid](grad, x, weight, cos, sin, dx, dw, ctx.eps, *grad.stride(), *x.stride(),
+                               cos.stride(0), **meta)
+        return dx, dw.sum(0).to(weight.dtype), None, None, None
+
+
+if triton is not None:
+    @triton.jit
+    def _row_offsets(rows, T, H, sb, st, sh):
+        # row r is head r % H of token (r // H) % T of sequence r // (T * H)
+        t = (rows // H) % T
+        return (rows // (T * H)) * sb + t * st + (rows % H) * sh, t
+
+    @triton.jit
+    def _forward_kernel(X, W, Cos, Sin, Y, eps, sxb, sxt, sxh, sxd, sct, n_rows, T, H,
+                        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_H)  # one half of head_dim; channel c pairs with c + HALF
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < HALF)
+        off, t = _row_offsets(rows, T, H, sxb, sxt, sxh)
+        x_at = X + off[:, None] + cols[None, :] * sxd
+        x1 = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_at + HALF * sxd, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        w1 = tl.load(W + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(W + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+        a, b = x1 * rstd * w1, x2 * rstd * w2
+        cs_at = t[:, None] * sct + cols[None, :]
+        cos = tl.load(Cos + cs_at, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(Sin + cs_at, mask=mask, other=0.0).to(tl.float32)
+        y_at = Y + rows[:, None] * (2 * HALF) + cols[None, :]
+        tl.store(y_at, (a * cos - b * sin).to(Y.dtype.element_ty), mask=mask)
+        tl.store(y_at + HALF, (a * sin + b * cos).to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _backward_kernel(G, X, W, Cos, Sin, DX, DW, eps, sgb, sgt, sgh, sgd, sxb, sxt, sxh, sxd, sct, n_rows, T, H,
+                         HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_H)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < HALF)
+        off, t = _row_offsets(rows, T, H, sxb, sxt, sxh)
+        x_at = X + off[:, None] + cols[None, :] * sxd
+        x1 = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_at + HALF * sxd, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        x1, x2 = x1 * rstd, x2 * rstd  # x / rms(x)
+        goff, _ = _row_offsets(rows, T, H, sgb, sgt, sgh)
+        g_at = G + goff[:, None] + cols[None, :] * sgd
+        g1 = tl.load(g_at, mask=mask, other=0.0).to(tl.float32)
+        g2 = tl.load(g_at + HALF * sgd, mask=mask, other=0.0).to(tl.float32)
+        cs_at = t[:, None] * sct + cols[None, :]
+        cos = tl.load(Cos + cs_at, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(Sin + cs_at, mask=mask, other=0.0).to(tl.float32)
+        r1, r2 = g1 * cos + g2 * sin, g2 * cos - g1 * sin  # the inverse rotation: the gradient before RoPE
+        tl.store(DW + pid * (2 * HALF) + cols, tl.sum(r1 * x1, 0), mask=cols < HALF)
+        tl.store(DW + pid * (2 * HALF) + HALF + cols, tl.sum(r2 * x2, 0), mask=cols < HALF)
+        r1 = r1 * tl.load(W + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+        r2 = r2 * tl.load(W + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+        mean = ((tl.sum(r1 * x1, 1) + tl.sum(r2 * x2, 1)) / (2 * HALF))[:, None]
+        dx_at = DX + rows[:, None] * (2 * HALF) + cols[None, :]
+        tl.store(dx_at, (rstd * (r1 - x1 * mean)).to(DX.dtype.element_ty), mask=mask)
+        tl.store(dx_at + HALF, (rstd * (r2 - x2 * mean)).to(DX.dtype.element_ty), mask=mask)
