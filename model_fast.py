@@ -2,7 +2,8 @@
 gain, as one Triton kernel forward and one backward. Left to the compiler, the gain's gradient (a sum
 over every token and head) splits the backward into a rotation pass, a norm pass per tensor and a
 final sum. model.norm_rope calls `norm_rope` here when `enabled(x)`; set `model_fast.ENABLED = False`
-to run the plain path on CUDA too. Speed only: tests hold it equal to the plain path.
+to run the plain path on CUDA too. Speed only: tests hold it equal to the plain path (which rounds to
+x's dtype between the norm and RoPE; the kernels keep float32 until the output).
 """
 import torch
 from torch import Tensor
