@@ -19,7 +19,7 @@ BLOCK_ROWS = 32  # rows (one token's head each) per program
 
 
 def enabled(x: Tensor) -> bool:
-    return ENABLED and triton is not None and x.is_cuda
+    return ENABLED and triton is not None and x.is_cuda and x.numel() < 2 ** 31  # the kernels index in int32
 
 
 def norm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
