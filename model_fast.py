@@ -28,6 +28,7 @@ def norm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -
 
 
 def _launch(x: Tensor):
+    """The grid (one program per BLOCK_ROWS rows) and the kernels' shape arguments for x (B, T, H, D)."""
     B, T, H, D = x.shape
     rows = B * T * H
     grid = (triton.cdiv(rows, BLOCK_ROWS),)
