@@ -67,22 +67,31 @@ if triton is not None:
         return (rows // (T * H)) * sb + t * st + (rows % H) * sh, t
 
     @triton.jit
+    def _load_halves(P, at, half, mask):
+        # channels c and c + HALF as float32: `at` points at the first, `half` is the distance to the second
+        return (tl.load(P + at, mask=mask, other=0.0).to(tl.float32),
+                tl.load(P + at + half, mask=mask, other=0.0).to(tl.float32))
+
+    @triton.jit
+    def _normed_rows(X, Cos, Sin, rows, cols, mask, eps, sxb, sxt, sxh, sxd, sct, T, H, HALF: tl.constexpr):
+        # x / rms(x) of each row in halves, 1 / rms(x), and the cos and sin of each row's position
+        off, t = _row_offsets(rows, T, H, sxb, sxt, sxh)
+        x1, x2 = _load_halves(X, off[:, None] + cols[None, :] * sxd, HALF * sxd, mask)
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        cs_at = t[:, None] * sct + cols[None, :]
+        cos = tl.load(Cos + cs_at, mask=mask, other=0.0).to(tl.float32)
+        sin = tl.load(Sin + cs_at, mask=mask, other=0.0).to(tl.float32)
+        return x1 * rstd, x2 * rstd, rstd, cos, sin
+
+    @triton.jit
     def _forward_kernel(X, W, Cos, Sin, Y, eps, sxb, sxt, sxh, sxd, sct, n_rows, T, H,
                         HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_H)  # one half of head_dim; channel c pairs with c + HALF
         mask = (rows[:, None] < n_rows) & (cols[None, :] < HALF)
-        off, t = _row_offsets(rows, T, H, sxb, sxt, sxh)
-        x_at = X + off[:, None] + cols[None, :] * sxd
-        x1 = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_at + HALF * sxd, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-        w1 = tl.load(W + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
-        w2 = tl.load(W + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
-        a, b = x1 * rstd * w1, x2 * rstd * w2
-        cs_at = t[:, None] * sct + cols[None, :]
-        cos = tl.load(Cos + cs_at, mask=mask, other=0.0).to(tl.float32)
-        sin = tl.load(Sin + cs_at, mask=mask, other=0.0).to(tl.float32)
+        x1, x2, _, cos, sin = _normed_rows(X, Cos, Sin, rows, cols, mask, eps, sxb, sxt, sxh, sxd, sct, T, H, HALF)
+        w1, w2 = _load_halves(W, cols, HALF, cols < HALF)
+        a, b = x1 * w1[None, :], x2 * w2[None, :]
         y_at = Y + rows[:, None] * (2 * HALF) + cols[None, :]
         tl.store(y_at, (a * cos - b * sin).to(Y.dtype.element_ty), mask=mask)
         tl.store(y_at + HALF, (a * sin + b * cos).to(Y.dtype.element_ty), mask=mask)
@@ -94,24 +103,14 @@ if triton is not None:
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_H)
         mask = (rows[:, None] < n_rows) & (cols[None, :] < HALF)
-        off, t = _row_offsets(rows, T, H, sxb, sxt, sxh)
-        x_at = X + off[:, None] + cols[None, :] * sxd
-        x1 = tl.load(x_at, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_at + HALF * sxd, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-        x1, x2 = x1 * rstd, x2 * rstd  # x / rms(x)
+        x1, x2, rstd, cos, sin = _normed_rows(X, Cos, Sin, rows, cols, mask, eps, sxb, sxt, sxh, sxd, sct, T, H, HALF)
         goff, _ = _row_offsets(rows, T, H, sgb, sgt, sgh)
-        g_at = G + goff[:, None] + cols[None, :] * sgd
-        g1 = tl.load(g_at, mask=mask, other=0.0).to(tl.float32)
-        g2 = tl.load(g_at + HALF * sgd, mask=mask, other=0.0).to(tl.float32)
-        cs_at = t[:, None] * sct + cols[None, :]
-        cos = tl.load(Cos + cs_at, mask=mask, other=0.0).to(tl.float32)
-        sin = tl.load(Sin + cs_at, mask=mask, other=0.0).to(tl.float32)
+        g1, g2 = _load_halves(G, goff[:, None] + cols[None, :] * sgd, HALF * sgd, mask)
         r1, r2 = g1 * cos + g2 * sin, g2 * cos - g1 * sin  # the inverse rotation: the gradient before RoPE
         tl.store(DW + pid * (2 * HALF) + cols, tl.sum(r1 * x1, 0), mask=cols < HALF)
         tl.store(DW + pid * (2 * HALF) + HALF + cols, tl.sum(r2 * x2, 0), mask=cols < HALF)
-        r1 = r1 * tl.load(W + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
-        r2 = r2 * tl.load(W + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+        w1, w2 = _load_halves(W, cols, HALF, cols < HALF)
+        r1, r2 = r1 * w1[None, :], r2 * w2[None, :]
         mean = ((tl.sum(r1 * x1, 1) + tl.sum(r2 * x2, 1)) / (2 * HALF))[:, None]
         dx_at = DX + rows[:, None] * (2 * HALF) + cols[None, :]
         tl.store(dx_at, (rstd * (r1 - x1 * mean)).to(DX.dtype.element_ty), mask=mask)
