@@ -60,6 +60,8 @@ class NormRoPE(torch.autograd.Function):
 
 
 if triton is not None:
+    # eps is a compile-time constant in every kernel: passed as a run-time argument, torch.compile hands
+    # it over as float64, and the norm and everything downstream of it would run in float64.
     @triton.jit
     def _row_offsets(rows, T, H, sb, st, sh):
         # row r is head r % H of token (r // H) % T of sequence r // (T * H)
@@ -73,7 +75,8 @@ if triton is not None:
                 tl.load(P + at + half, mask=mask, other=0.0).to(tl.float32))
 
     @triton.jit
-    def _normed_rows(X, Cos, Sin, rows, cols, mask, eps, sxb, sxt, sxh, sxd, sct, T, H, HALF: tl.constexpr):
+    def _normed_rows(X, Cos, Sin, rows, cols, mask, eps: tl.constexpr, sxb, sxt, sxh, sxd, sct, T, H,
+                     HALF: tl.constexpr):
         # x / rms(x) of each row in halves, 1 / rms(x), and the cos and sin of each row's position
         off, t = _row_offsets(rows, T, H, sxb, sxt, sxh)
         x1, x2 = _load_halves(X, off[:, None] + cols[None, :] * sxd, HALF * sxd, mask)
@@ -84,7 +87,7 @@ if triton is not None:
         return x1 * rstd, x2 * rstd, rstd, cos, sin
 
     @triton.jit
-    def _forward_kernel(X, W, Cos, Sin, Y, eps, sxb, sxt, sxh, sxd, sct, n_rows, T, H,
+    def _forward_kernel(X, W, Cos, Sin, Y, eps: tl.constexpr, sxb, sxt, sxh, sxd, sct, n_rows, T, H,
                         HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_H)  # one half of head_dim; channel c pairs with c + HALF
@@ -97,8 +100,8 @@ if triton is not None:
         tl.store(y_at + HALF, (a * sin + b * cos).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _backward_kernel(G, X, W, Cos, Sin, DX, DW, eps, sgb, sgt, sgh, sgd, sxb, sxt, sxh, sxd, sct, n_rows, T, H,
-                         HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+    def _backward_kernel(G, X, W, Cos, Sin, DX, DW, eps: tl.constexpr, sgb, sgt, sgh, sgd, sxb, sxt, sxh, sxd, sct,
+                         n_rows, T, H, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_H)
