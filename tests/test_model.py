@@ -391,3 +391,13 @@ def test_fast_qk_norm_rope_computes_the_plain_path_and_its_gradients():
     r = subprocess.run([sys.executable, "-c", FAST_NORM_ROPE_CHECK], cwd=os.path.dirname(os.path.dirname(__file__)),
                        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_fast_kernels_take_eps_as_a_compile_time_constant():
+    """Compiled, a run-time float argument reaches a Triton kernel as float64 and the whole norm would
+    follow it into float64; as a constant it stays in the kernels' float32."""
+    import model_fast
+    if model_fast.triton is None:
+        pytest.fail("triton is missing: it ships with torch's CPU and CUDA wheels")
+    for kernel in (model_fast._forward_kernel, model_fast._backward_kernel):
+        assert "eps" in [p.name for p in kernel.params if p.is_constexpr], kernel.fn.__name__
