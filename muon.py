@@ -25,8 +25,8 @@ orthogonalised on its own; 4-D and up (conv-like) is flattened to (shape[0], -1)
 State: per parameter {"momentum_buffer"} (torch.optim.Muon's format), plus {"second_moment"} with normuon.
 A state dict moves freely between Muon, DistMuon and any world size.
 
-Speed: same-shape parameters form one stack stepped by one batched Newton-Schulz (`stacked`); on CUDA each
-stack's step is one compiled graph and Newton-Schulz takes muon_fast.py's Triton path (the same polynomial).
+Speed lives in muon_fast.py: same-shape parameters become one stack that they are views of, stepped by one
+batched Newton-Schulz in one compiled graph; on CUDA Newton-Schulz takes a Triton path (the same polynomial).
 """
 import math
 
@@ -46,8 +46,7 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 QUINTIC = (3.4445, -4.7750, 2.0315)
 # Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932): the minimax-optimal odd quintic for
 # each iteration, fitted to a spectrum in [1e-3, 1]; the 5-iteration table with modded-nanogpt's 2% safety
-# margin. After 5 iterations singular values in [1e-3, 1] end in about [0.84, 1.15] (tests/test_muon.py
-# checks both bands on that interval).
+# margin. After 5 iterations singular values in [1e-3, 1] end in about [0.84, 1.15] (both bands: tests).
 POLAR_EXPRESS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -170,41 +169,25 @@ def second_moment_shape(p: Tensor) -> tuple:
     return (*batch, rows, 1) if rows >= cols else (*batch, 1, cols)
 
 
-def stacked(tensors: list, rebind) -> Tensor:
-    """The tensors as one stack [n, *matrix view] that they are views of, so a step reads and writes a group
-    in single kernels. The first step moves each weight (p.data) or state buffer into the stack through
-    `rebind(i, view)`; a parameter keeps its identity, shape and grad. Later steps find the stack from the
-    storage; a tensor given new storage since (load_state_dict, .to()) makes the group stack anew."""
-    first = tensors[0]
-    shape, nbytes = matrix_view(first).shape, first.numel() * first.element_size()
-    storage = first.untyped_storage()
-    if all(t.is_contiguous() and t.dtype == first.dtype and t.untyped_storage().data_ptr() == storage.data_ptr()
-           and t.data_ptr() == first.data_ptr() + i * nbytes for i, t in enumerate(tensors)):
-        return first.new_empty(0).set_(storage, first.storage_offset(), (len(tensors), *shape))
-    stack = torch.stack([matrix_view(t) for t in tensors])
-    for i, t in enumerate(tensors):
-        rebind(i, stack[i].view(t.shape))
-    return stack
-
-
 def state_stacks(state: dict, params: list, group: dict):
     """(momentum stack, NorMuon second-moment stack or None) of a group, created as zeros on first use."""
     for p in params:
         s = state[p]
-        if "momentum_buffer" not in s:
-            s["momentum_buffer"] = torch.zeros_like(p)
-        elif s["momentum_buffer"].dtype != p.dtype:  # a parameter moved by .to()
-            s["momentum_buffer"] = s["momentum_buffer"].to(p.dtype)
+        # .to: a parameter moved to another dtype since takes its buffer along
+        s["momentum_buffer"] = s["momentum_buffer"].to(p.dtype) if "momentum_buffer" in s else torch.zeros_like(p)
         if group["normuon"] and "second_moment" not in s:
             s["second_moment"] = p.new_zeros(second_moment_shape(p), dtype=torch.float32)
 
     def stack(key):
-        return stacked([state[p][key] for p in params], lambda i, t: state[params[i]].__setitem__(key, t))
+        tensors = [state[p][key] for p in params]
+        return muon_fast.stacked(tensors, matrix_view(tensors[0]).shape,
+                                 lambda i, t: state[params[i]].__setitem__(key, t))
     return stack("momentum_buffer"), stack("second_moment") if group["normuon"] else None
 
 
 def weight_stack(params: list) -> Tensor:
-    return stacked([p.data for p in params], lambda i, t: setattr(params[i], "data", t))
+    return muon_fast.stacked([p.data for p in params], matrix_view(params[0]).shape,
+                             lambda i, t: setattr(params[i], "data", t))
 
 
 def same_shape_groups(params) -> list:
@@ -213,29 +196,6 @@ def same_shape_groups(params) -> list:
     for p in params:
         groups.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
     return list(groups.values())
-
-
-def hyperparameters(group: dict, grad_scale) -> dict:
-    """The schedulable values as 0-D float32 CPU tensors: compiled code sees tensors, not Python floats, so a
-    schedule never recompiles it (a CPU scalar reaches a CUDA kernel as a launch argument, no host-device copy)."""
-    hp = {k: torch.tensor(float(group[k])) for k in ("lr", "momentum", "weight_decay", "beta2")}
-    hp["grad_scale"] = grad_scale if isinstance(grad_scale, Tensor) else torch.tensor(float(grad_scale))
-    return hp
-
-
-_compiled = {}
-
-
-def compiled(fn, compile, on_cuda: bool):
-    """fn, or fn under torch.compile (once per function and backend) as Muon's `compile` option says: a graph
-    per stack shape and option set. Stacks past dynamo's recompile_limit (8) run eagerly, with its warning."""
-    backend = on_cuda if compile is None else compile
-    if not backend:
-        return fn
-    backend = "inductor" if backend is True else backend
-    if (fn, backend) not in _compiled:
-        _compiled[(fn, backend)] = torch.compile(fn, dynamic=False, backend=backend)
-    return _compiled[(fn, backend)]
 
 
 class Muon(torch.optim.Optimizer):
@@ -271,11 +231,11 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            hp = hyperparameters(group, grad_scale)
+            hp = muon_fast.hyperparameters(group, grad_scale)
             for params in same_shape_groups([p for p in group["params"] if p.grad is not None]):
                 G = torch.stack([matrix_view(p.grad) for p in params])
                 M, V = state_stacks(self.state, params, group)
-                step = compiled(muon_step, self.compile, params[0].is_cuda)
+                step = muon_fast.compiled(muon_step, self.compile, params[0].is_cuda)
                 step(weight_stack(params), G, M, V, hp, group)
         return loss
 
@@ -359,14 +319,14 @@ class DistMuon(Muon):
             update = grads.new_zeros(grads.shape, dtype=torch.bfloat16)
             if owned:
                 M, V = state_stacks(self.state, owned, group)
-                run = compiled(orthogonalised_update, self.compile, grads.is_cuda)
-                update[:len(owned)] = run(grads[:len(owned)], M, V, hyperparameters(group, grad_scale), group)
+                run = muon_fast.compiled(orthogonalised_update, self.compile, grads.is_cuda)
+                update[:len(owned)] = run(grads[:len(owned)], M, V, muon_fast.hyperparameters(group, grad_scale), group)
             full = update.new_empty((per_rank * self.world_size, *update.shape[1:]))
             gathers.append((_all_gather(full, update, async_op=True), full, group, params))
         for work, full, group, params in gathers:
             work.wait()  # 3. every rank applies every update to its replica of the weights
-            run = compiled(apply_update, self.compile, full.is_cuda)
-            run(weight_stack(params), full[:len(params)], hyperparameters(group, grad_scale), group)
+            run = muon_fast.compiled(apply_update, self.compile, full.is_cuda)
+            run(weight_stack(params), full[:len(params)], muon_fast.hyperparameters(group, grad_scale), group)
         return loss
 
     @torch.no_grad()

@@ -1,9 +1,16 @@
-"""The fast path of Newton-Schulz on CUDA: the same polynomial as muon.zeropower_via_newtonschulz5,
-with the two symmetric products of each iteration computed by a Triton kernel that does only the
-tiles on and above the diagonal. muon.py calls `newton_schulz` here when `enabled(G)`; set
-`muon_fast.ENABLED = False` to run the plain path on CUDA too. Speed only: tests hold it equal
-to the plain path.
+"""What muon.py does only for speed.
+
+- A same-shape group of parameters as one stack that the parameters are views of (`stacked`), stepped by
+  one compiled graph (`compiled`) that takes its hyperparameters as tensors (`hyperparameters`), so a
+  schedule never recompiles it.
+- Newton-Schulz on CUDA: the same polynomial as muon.zeropower_via_newtonschulz5, with the two symmetric
+  products of each iteration computed by a Triton kernel that does only the tiles on and above the
+  diagonal. muon.py calls `newton_schulz` here when `enabled(G)`; set `muon_fast.ENABLED = False` to run
+  the plain path on CUDA too. Tests hold it equal to the plain path.
 """
+import functools
+
+import torch
 from torch import Tensor
 
 try:  # ships with CUDA builds of torch; CPU tests run the kernel through Triton's interpreter
@@ -34,6 +41,46 @@ def newton_schulz(X: Tensor, coefficients) -> Tensor:
         # the result stays contiguous for what follows (read transposed, the update ran ~3x slower)
         X = B @ X if X.is_contiguous() else (X.mT @ B).mT
     return X
+
+
+# ------------------------------------------------------------------ a same-shape group as one stack, one graph
+
+def stacked(tensors: list, shape, rebind) -> Tensor:
+    """The tensors as one stack [n, *shape] (shape: each one's matrix view) that they are views of, so a step
+    reads and writes a group in single kernels. The first step moves each weight (p.data) or state buffer into
+    the stack through `rebind(i, view)`; a parameter keeps its identity, shape and grad. Later steps find the
+    stack from the storage; a tensor given new storage since (load_state_dict, .to()) makes the group stack
+    anew."""
+    first = tensors[0]
+    nbytes = first.numel() * first.element_size()
+    storage = first.untyped_storage()
+    if all(t.is_contiguous() and t.dtype == first.dtype and t.untyped_storage().data_ptr() == storage.data_ptr()
+           and t.data_ptr() == first.data_ptr() + i * nbytes for i, t in enumerate(tensors)):
+        return first.new_empty(0).set_(storage, first.storage_offset(), (len(tensors), *shape))
+    stack = torch.stack([t.reshape(shape) for t in tensors])
+    for i, t in enumerate(tensors):
+        rebind(i, stack[i].view(t.shape))
+    return stack
+
+
+def hyperparameters(group: dict, grad_scale) -> dict:
+    """The schedulable values as 0-D float32 CPU tensors: compiled code sees tensors, not Python floats, so a
+    schedule never recompiles it (a CPU scalar reaches a CUDA kernel as a launch argument, no host-device copy)."""
+    hp = {k: torch.tensor(float(group[k])) for k in ("lr", "momentum", "weight_decay", "beta2")}
+    hp["grad_scale"] = grad_scale if isinstance(grad_scale, Tensor) else torch.tensor(float(grad_scale))
+    return hp
+
+
+def compiled(fn, compile, on_cuda: bool):
+    """fn, or fn under torch.compile as Muon's `compile` option says: a graph per stack shape and option set.
+    Stacks past dynamo's recompile_limit (8) run eagerly, with its warning."""
+    backend = on_cuda if compile is None else compile
+    return _compile(fn, "inductor" if backend is True else backend) if backend else fn
+
+
+@functools.cache  # one compiled function per (function, backend), shared by every optimizer
+def _compile(fn, backend):
+    return torch.compile(fn, dynamic=False, backend=backend)
 
 
 if triton is not None:
