@@ -317,16 +317,17 @@ class DistMuon(Muon):
         for (group, params, per_rank, owned), (work, grads) in zip(self._groups(), pending):
             work.wait()  # 2. the owner turns its averaged slice into updates, then shares them
             update = grads.new_zeros(grads.shape, dtype=torch.bfloat16)
+            hp = muon_fast.hyperparameters(group, grad_scale)
             if owned:
                 M, V = state_stacks(self.state, owned, group)
                 run = muon_fast.compiled(orthogonalised_update, self.compile, grads.is_cuda)
-                update[:len(owned)] = run(grads[:len(owned)], M, V, muon_fast.hyperparameters(group, grad_scale), group)
+                update[:len(owned)] = run(grads[:len(owned)], M, V, hp, group)
             full = update.new_empty((per_rank * self.world_size, *update.shape[1:]))
-            gathers.append((_all_gather(full, update, async_op=True), full, group, params))
-        for work, full, group, params in gathers:
+            gathers.append((_all_gather(full, update, async_op=True), full, hp, group, params))
+        for work, full, hp, group, params in gathers:
             work.wait()  # 3. every rank applies every update to its replica of the weights
             run = muon_fast.compiled(apply_update, self.compile, full.is_cuda)
-            run(weight_stack(params), full[:len(params)], muon_fast.hyperparameters(group, grad_scale), group)
+            run(weight_stack(params), full[:len(params)], hp, group)
         return loss
 
     @torch.no_grad()
