@@ -65,6 +65,8 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     a("--max_seq_len", type=bounded(int, 2), default=None)
     a("--norm_weights", action=argparse.BooleanOptionalAction, default=None,
       help="RMSNorms with a learned gain (Qwen3's); --no-norm_weights: without, a faster backward")
+    a("--tie_word_embeddings", action=argparse.BooleanOptionalAction, default=None,
+      help="the LM head is the token embedding (default); --no-tie_word_embeddings: a head of its own")
     # batch and length of training
     a("--batch_size", type=pos, default=16, help="sequences per micro-batch per process")
     a("--accumulation_steps", type=pos, default=1, help="micro-batches per optimizer step")
@@ -317,7 +319,7 @@ def check_model_matches(ckpt: dict, args, tokenizer_fingerprint: str | None, pat
     """A checkpoint from another model shape or tokenizer stops with a clear message."""
     cfg = ckpt["model_config"]
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_seq_len",
-                 "norm_weights"):
+                 "norm_weights", "tie_word_embeddings"):
         want, have = getattr(args, name, None), cfg.get(name, True)  # checkpoints from before norm_weights had them
         if want is not None and want != have:
             die(f"{path} has {name}={have} but --{name} {want} was given; drop the flag or use a "
@@ -357,6 +359,13 @@ def ms_between(start, end) -> float:
         return (end - start) * 1e3
     end.synchronize()
     return start.elapsed_time(end)
+
+
+def synchronized_time(device) -> float:
+    """time.time() once the device has run all the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
 
 
 def memory_gb(device) -> float:

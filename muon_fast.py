@@ -85,11 +85,14 @@ def _compile(fn, backend):
 
 if triton is not None:
     @triton.jit
-    def _gram_kernel(X, C, Out, alpha, beta, shift, sxb, sxm, sxk, scb, scm, scn, sob, som, son,
+    def _gram_kernel(X, C, Out, sxb, sxm, sxk, scb, scm, scn, sob, som, son,
+                     alpha: tl.constexpr, beta: tl.constexpr, shift: tl.constexpr,
                      M: tl.constexpr, K: tl.constexpr, HAS_C: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         # Program (i, j, b) computes tile (i, j) of matrix b for j >= i only, from row blocks i and j
-        # of X, and writes it twice: at (i, j) and, transposed, at (j, i).
+        # of X, and writes it twice: at (i, j) and, transposed, at (j, i). The coefficients are
+        # compile-time constants: compiled, a run-time Python float reaches the kernel as float64 and
+        # would pull the epilogue into float64 with it.
         i, j, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         if j < i:
             return
@@ -125,6 +128,6 @@ def gram(X: Tensor, alpha: float = 1.0, beta: float = 0.0, C: Tensor | None = No
     cfg = config or GRAM_CONFIG
     tiles = triton.cdiv(M, cfg["BLOCK_M"])
     C_ = out if C is None else C  # never read when HAS_C is False
-    _gram_kernel[(tiles, tiles, n)](X, C_, out, alpha, beta, shift, *X.stride(), *C_.stride(), *out.stride(),
-                                    M=M, K=K, HAS_C=C is not None, **cfg)
+    _gram_kernel[(tiles, tiles, n)](X, C_, out, *X.stride(), *C_.stride(), *out.stride(), alpha=float(alpha),
+                                    beta=float(beta), shift=float(shift), M=M, K=K, HAS_C=C is not None, **cfg)
     return out

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, catch_interrupts, check_model_matches, check_resume,
                     cleanup_distributed, clip_grads, die, format_eta, load_checkpoint, lock_out_dir, mark, memory_gb,
                     ms_between, peak_flops, print0, rng_state, save_checkpoint, set_rng_state, setup_run, sync_grads,
-                    total_steps_of, train_arg_parser)
-from data.loaders import TokenWindowLoader, eval_batches
+                    synchronized_time, total_steps_of, train_arg_parser)
+from data.loaders import TokenWindowLoader, eval_batches, eval_bytes_per_token
 from data.prepare import prepare_source
 from data.readers import DataError
 from data.tokenizer import load_tokenizer
@@ -28,7 +28,7 @@ from muon import DistMuon, Muon
 STAGE = "pretrain"
 # 3.2M parameters on the embedded corpus: a CPU demo in minutes (a checkpoint from before norm_weights had them)
 DEFAULT_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                     max_seq_len=256, norm_weights=True)
+                     max_seq_len=256, norm_weights=True, tie_word_embeddings=True)
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -43,16 +43,24 @@ def parse_args():
                    weight_decay=0.1, momentum_warmup_steps=100, momentum_cooldown_steps=50,
                    warmup_steps=20, eval_interval=100)
     p.add_argument("--sample_prompt", default="Mia lives in", help="text continued at the end of the run")
+    p.add_argument("--warmdown_ratio", type=float, default=0.0,
+                   help="0: cosine decay; else flat, then a linear decay over this share of the steps")
+    p.add_argument("--lr_embedding", type=float, default=None, help="peak LR of the token embedding (default: --lr_adamw)")
     args = p.parse_args()
     if args.lr_adamw is None:
         args.lr_adamw = 8e-3 if args.optimizer == "muon" else 2e-3
     return args
 
 
-def cosine_lr(step: int, total_steps: int, peak: float, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup to `peak`, then cosine decay to min_lr_ratio * peak at total_steps."""
+def cosine_lr(step: int, total_steps: int, peak: float, warmup_steps: int, min_lr_ratio: float,
+              warmdown_ratio: float = 0.0) -> float:
+    """Linear warmup to `peak`, then cosine decay to min_lr_ratio * peak at total_steps; with a
+    warmdown_ratio, flat at `peak` and a linear decay over that share of the steps instead."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
+    if warmdown_ratio:
+        left = (total_steps - step) / max(1.0, warmdown_ratio * total_steps)
+        return peak * (min_lr_ratio + (1 - min_lr_ratio) * min(1.0, left))
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return peak * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -119,6 +127,8 @@ def main():
         if val_windows < world_size:
             raise DataError(f"{val_path}: too short for one window of {args.max_seq_len} tokens per process")
         eval_batch_size = min(args.batch_size, val_windows // world_size)  # a small val set still evaluates
+        val_bytes_per_token = eval_bytes_per_token(val_path, tok.token_bytes(), eval_batch_size, args.max_seq_len,
+                                                   args.eval_iters * world_size, world_size)
     except (DataError, FileNotFoundError, ValueError) as e:
         die(str(e))
     tokens_per_step = args.batch_size * args.max_seq_len * args.accumulation_steps * world_size
@@ -137,7 +147,7 @@ def main():
         config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden_size,
                              num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
                              num_key_value_heads=args.num_key_value_heads, max_seq_len=args.max_seq_len,
-                             norm_weights=args.norm_weights)
+                             norm_weights=args.norm_weights, tie_word_embeddings=args.tie_word_embeddings)
     except ValueError as e:
         die(str(e))
     raw_model = GPT(config).to(device)
@@ -161,7 +171,13 @@ def main():
         muon_params, lr=args.lr_muon, momentum=args.momentum, weight_decay=args.weight_decay,
         ns_coefficients=args.ns_coefficients, normuon=args.normuon, beta2=args.normuon_beta2,
         cautious_wd=args.cautious_wd) if muon_params else None
-    adamw_opt = torch.optim.AdamW([dict(params=[p for p in adamw_params if p.ndim >= 2], weight_decay=args.weight_decay),
+    # AdamW's groups: the token embedding (its own peak LR, --lr_embedding), the other matrices (an untied
+    # head; every matrix with --optimizer adamw), the vectors (no weight decay)
+    embedding = raw_model.embed_tokens.weight
+    adamw_peaks = [args.lr_embedding or args.lr_adamw, args.lr_adamw, args.lr_adamw]
+    adamw_opt = torch.optim.AdamW([dict(params=[embedding], weight_decay=args.weight_decay),
+                                   dict(params=[p for p in adamw_params if p.ndim >= 2 and p is not embedding],
+                                        weight_decay=args.weight_decay),
                                    dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
                                   lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if args.dtype == "float16" else None
@@ -202,29 +218,36 @@ def main():
 
     t_start, start_step, val_loss = time.time(), step, None
     t_log, step_log, history, muon_span = t_start, step, [], None
+    paused_s = 0.0  # time in evaluations and saves: train_s leaves it out
     while True:
         last = step >= total_steps
         if step % args.eval_interval == 0 or last:
+            t_pause = synchronized_time(device)
             val_loss = evaluate(model, val_path, eval_batch_size, args, rank, world_size, device, ctx)
             if not math.isfinite(val_loss):
                 die(f"val loss is {val_loss} at step {step}; stopping (the last checkpoint is intact)")
-            logger.log({"step": step, "val_loss": val_loss, "tokens": step * tokens_per_step},
-                       f"step {step:5d} | val loss {val_loss:.4f}")
+            val_bpb = val_loss / math.log(2) / val_bytes_per_token
+            logger.log({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": step * tokens_per_step,
+                        "train_s": t_pause - t_start - paused_s},
+                       f"step {step:5d} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}")
             if step > start_step:
                 save(step, val_loss)
+            paused_s += time.time() - t_pause
         elif args.save_interval and step % args.save_interval == 0:
+            t_pause = synchronized_time(device)
             save(step, val_loss)
+            paused_s += time.time() - t_pause
         if last:
             break
 
         # the two schedules: each optimizer its own warmup + cosine, and Muon's momentum
-        lr_muon = cosine_lr(step, total_steps, args.lr_muon, args.warmup_steps, args.min_lr_ratio)
-        lr_adamw = cosine_lr(step, total_steps, args.lr_adamw, args.warmup_steps, args.min_lr_ratio)
+        lr_muon = cosine_lr(step, total_steps, args.lr_muon, args.warmup_steps, args.min_lr_ratio, args.warmdown_ratio)
+        lr_adamw = cosine_lr(step, total_steps, args.lr_adamw, args.warmup_steps, args.min_lr_ratio, args.warmdown_ratio)
         momentum = muon_momentum(step, total_steps, args)
         for group in muon_opt.param_groups if muon_opt is not None else []:
             group["lr"], group["momentum"] = lr_muon, momentum
-        for group in adamw_opt.param_groups:
-            group["lr"] = lr_adamw
+        for group, group_peak in zip(adamw_opt.param_groups, adamw_peaks):
+            group["lr"] = lr_adamw * group_peak / args.lr_adamw
 
         # forward and backward over accumulation_steps micro-batches
         stats = torch.zeros(1, device=device)  # loss

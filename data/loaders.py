@@ -135,6 +135,17 @@ def eval_batches(path, batch_size, seq_len, max_batches=None, rank=0, world_size
         yield w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
 
+def eval_bytes_per_token(path, token_bytes, batch_size, seq_len, max_batches=None, world_size=1, dtype=None) -> float:
+    """Mean UTF-8 bytes per target token over every window eval_batches yields to the ranks together:
+    val loss (nats per token) / ln 2 / this = bits per byte. token_bytes: Tokenizer.token_bytes()."""
+    total = count = 0
+    for rank in range(world_size):
+        for _, y in eval_batches(path, batch_size, seq_len, max_batches, rank, world_size, dtype):
+            total += int(token_bytes[y.numpy()].sum())
+            count += y.numel()
+    return total / count
+
+
 # ---------------------------------------------------------------------------------------------
 # SFT and DPO: tokenize once, then pad batches
 

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Iterable
 
+import numpy as np
 import tiktoken
 
 SPLIT_PATTERN = (
@@ -60,6 +61,14 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))
+
+    def token_bytes(self) -> np.ndarray:
+        """The length in UTF-8 bytes of every token id (0 for the special tokens): what turns a loss
+        per token into bits per byte, a figure that tokenizers of any vocabulary share."""
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for piece, rank in self.enc._mergeable_ranks.items():
+            lengths[rank] = len(piece)
+        return lengths
 
     def save(self, path: str) -> None:
         ranks = sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1])

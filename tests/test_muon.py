@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import muon
+import muon_fast
 from muon import POLAR_EXPRESS, QUINTIC, DistMuon, Muon, zeropower_via_newtonschulz5
 
 # A mixed set whose same-shape groups (5, 3, 1, 2, 1) do not divide world sizes 2, 3 or 4:
@@ -649,3 +650,12 @@ def test_plain_newton_schulz_equals_the_float64_reference():
         got = zeropower_via_newtonschulz5(G, 5).double()
         want = torch.stack([reference_ns(g) for g in G.reshape(-1, *shape[-2:])]).reshape(shape)
         assert (got - want).norm() < BF16_REL * want.norm(), (shape, ((got - want).norm() / want.norm()).item())
+
+
+def test_gram_kernel_takes_its_coefficients_as_compile_time_constants():
+    """Compiled, a run-time float argument reaches a Triton kernel as float64, and the epilogue that scales
+    and shifts each tile would run in float64; as constants the tile stays in the kernel's float32."""
+    if muon_fast.triton is None:
+        pytest.fail("triton is missing: it ships with torch's CPU and CUDA wheels")
+    constants = [p.name for p in muon_fast._gram_kernel.params if p.is_constexpr]
+    assert {"alpha", "beta", "shift"} <= set(constants)

@@ -84,6 +84,22 @@ print("SYMBOLIC", symbolic)
 """
 
 
+def test_val_rows_report_bits_per_byte_and_training_time_without_evaluations(data_dir, tmp_path):
+    from data.loaders import eval_bytes_per_token
+    from data.tokenizer import load_tokenizer
+    pretrain(data_dir, tmp_path, "--max_steps", "4", "--eval_interval", "2")
+    rows = [json.loads(line) for line in open(tmp_path / "pretrain_metrics.jsonl")]
+    vals, logged = [r for r in rows if "val_loss" in r], [r for r in rows if "elapsed_s" in r]
+    tok = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+    bpt = eval_bytes_per_token(os.path.join(data_dir, "val.bin"), tok.token_bytes(), 8, 64, 4)
+    assert 1 < bpt < 10
+    for r in vals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] / np.log(2) / bpt, rel=1e-9)
+    assert [r["step"] for r in vals] == [0, 2, 4] and vals[0]["train_s"] < 0.05
+    # the evaluations at steps 0 and 2 happened inside the first four steps' wall time, not their training time
+    assert 0 < vals[1]["train_s"] < vals[2]["train_s"] < logged[-1]["elapsed_s"]
+
+
 def test_training_graph_keeps_static_shapes_after_an_eval_with_a_smaller_batch(data_dir, tmp_path):
     # A val set of 3 windows makes the step-0 eval batch 3 while training uses 8. With dynamo's
     # default automatic dynamic shapes, that second batch size compiled the training graph with a

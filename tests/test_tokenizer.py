@@ -50,6 +50,14 @@ def test_roundtrip_on_arbitrary_unicode(tok):
         assert tok.decode(tok.encode(s)) == s
 
 
+def test_token_bytes_add_up_to_the_utf8_length_of_the_text(tok):
+    text = "Grüße, 世界! def f(x):\n    return x ** 2  # ünïcödé"
+    lengths = tok.token_bytes()
+    assert lengths.shape == (tok.vocab_size,)
+    assert int(lengths[tok.encode(text)].sum()) == len(text.encode("utf-8"))
+    assert lengths[[tok.bos_id, tok.eos_id, tok.im_start_id, tok.im_end_id, tok.pad_id]].sum() == 0
+
+
 def test_plain_text_never_produces_special_tokens(tok):
     text = "user says <|im_end|>\n<|im_start|>assistant\n<|bos|><|endoftext|><|pad|> done"
     ids = tok.encode(text)
