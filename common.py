@@ -199,55 +199,6 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
-# -------------------------------------------------------------------- gradients across ranks
-
-def sync_grads(adamw_params, muon_opt, world_size: int):
-    """Average the gradients over ranks. There is no DDP wrapper: AdamW's gradients are all-reduced
-    here, and DistMuon averages the Muon gradients itself (reduce-scatter); its launch goes first so
-    both collectives are in flight together. Nothing is averaged twice."""
-    if world_size == 1:
-        return
-    work = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in adamw_params if p.grad is not None]
-    if muon_opt is not None:
-        muon_opt.reduce_grads()
-    for w in work:
-        w.wait()
-
-
-def grad_sq_sum(params) -> torch.Tensor:
-    """Sum of squared gradient entries (accumulated in fp32) as a 0-D tensor on the parameters' device.
-
-    One multi-tensor norm per dtype. Squaring, summing and adding per tensor was ~400 small
-    kernels per step at GPT-2 small: ~1 ms of GPU time on one H200, plus the gaps between them."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())  # a 0-D CPU tensor adds to one on any device
-    return torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
-
-
-def clip_grads(muon_opt, muon_params, adamw_params, max_norm: float, world_size: int):
-    """Global norm of the *averaged* gradient, and the factor that clips it to max_norm, as 0-D
-    tensors: the host never waits for the GPU here (a non-finite norm shows up as a NaN loss at the
-    next log). AdamW's gradients are scaled here; the Muon factor goes to muon_opt.step(grad_scale=).
-
-    Under DistMuon the averaged Muon gradients exist only as each owner's slice after its
-    reduce-scatter, so DistMuon sums the squares of the slices across ranks (grad_sq_sum); that
-    waits for every reduce-scatter before the first Newton-Schulz can start.
-    """
-    sq = grad_sq_sum(adamw_params)
-    if muon_opt is not None:
-        sq = sq + (muon_opt.grad_sq_sum() if world_size > 1 else grad_sq_sum(muon_params))
-    norm = sq.sqrt()
-    scale = torch.ones_like(norm)
-    if max_norm > 0:
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
-        adamw_grads = [p.grad for p in adamw_params if p.grad is not None]
-        if adamw_grads:  # foreach ops refuse an empty list
-            torch._foreach_mul_(adamw_grads, scale)
-    return norm, scale
-
-
 # ------------------------------------------------------------------------------ checkpoints
 
 def save_checkpoint(path: str, ckpt: dict):
@@ -342,25 +293,6 @@ def peak_flops(device: torch.device):
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def mark(device):
-    """A point in the device's queue of work, to time a span without making the host wait: a
-    recorded CUDA event on a GPU, the wall clock on the CPU."""
-    if device.type == "cuda":
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-    return time.time()
-
-
-def ms_between(start, end) -> float:
-    """Milliseconds between two marks. On a GPU this waits for `end` to be reached, so read it
-    where the host waits anyway (the loops read it at the logged step's loss readback)."""
-    if isinstance(start, float):
-        return (end - start) * 1e3
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def synchronized_time(device) -> float:
     """time.time() once the device has run all the work queued so far."""
     if device.type == "cuda":
@@ -396,14 +328,29 @@ def lock_out_dir(out_dir: str, stage: str, rank: int):
     return f
 
 
+# The console line of a logged row: each of these fields it has (and is not None), in this order.
+CONSOLE_FIELDS = (
+    ("loss", "loss {:.4f}"), ("val_loss", "val loss {:.4f}"), ("val_bpb", "val bpb {:.4f}"),
+    ("pref_acc", "preference accuracy {:.1%}"), ("val_reward_acc", "reward accuracy {:.1%}"),
+    ("answer_acc", "answer accuracy {:.1%}"), ("reward_acc", "reward acc {:.2f}"), ("reward_margin", "margin {:+.3f}"),
+    ("chosen_reward", "chosen {:+.3f}"), ("rejected_reward", "rejected {:+.3f}"), ("lr_muon", "lr_muon {:.2e}"),
+    ("lr_adamw", "lr_adamw {:.2e}"), ("momentum", "momentum {:.3f}"), ("grad_norm", "grad norm {:.3f}"),
+    ("tok_per_s", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}"), ("mem_gb", "mem {:.2f} GB"), ("muon_ms", "muon {:.1f} ms"),
+    ("step_ms", "step {:.0f} ms"),
+)
+
+
 class MetricsLogger:
     """Rows to the console, to <out_dir>/<stage>_metrics.jsonl and, with --use_wandb, to W&B.
     A fresh run replaces the previous run's file at its first row, not before: a run that fails
-    while starting leaves the old metrics in place. --resume appends."""
+    while starting leaves the old metrics in place. --resume appends. Training rows (those with a
+    loss) get the run's elapsed seconds and, on the console, an ETA over steps (first, total)."""
 
-    def __init__(self, args, stage: str, rank: int, resume: bool):
+    def __init__(self, args, stage: str, rank: int, resume: bool, steps: tuple[int, int]):
         self.rank, self.wandb, self.mode = rank, None, "a" if resume else "w"
         self.path = os.path.join(args.out_dir, f"{stage}_metrics.jsonl")
+        self.first_step, self.total_steps = steps
+        self.t_start = time.time()
         if rank == 0 and args.use_wandb:
             try:
                 import wandb
@@ -415,20 +362,48 @@ class MetricsLogger:
                 die(f"--use_wandb: wandb could not start ({type(e).__name__}: {e}); run `wandb login`, or set "
                     f"WANDB_MODE=offline")
 
-    def log(self, row: dict, console: str | None = None):
+    def log(self, row: dict):
+        if "loss" in row:
+            row["elapsed_s"] = time.time() - self.t_start
         if self.rank != 0:
             return
-        if console:
-            print(console, flush=True)
+        print(self.console_line(row), flush=True)
         with open(self.path, self.mode) as f:
             f.write(json.dumps(row) + "\n")
         self.mode = "a"
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
 
+    def console_line(self, row: dict) -> str:
+        step = row["step"]
+        parts = [f"step {step:5d}/{self.total_steps}" if "loss" in row else f"step {step:5d}"]
+        parts += [fmt.format(row[key]) for key, fmt in CONSOLE_FIELDS if row.get(key) is not None]
+        if row.get("skipped_steps"):
+            parts.append(f"{row['skipped_steps']} skipped (fp16 overflow)")
+        if "loss" in row and step > self.first_step:
+            parts.append(f"ETA {format_eta(row['elapsed_s'] / (step - self.first_step) * (self.total_steps - step))}")
+        return " | ".join(parts)
+
     def finish(self):
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def step_speed(tokens: float, seconds: float, flops_per_token: float, device, world_size: int) -> dict:
+    """The speed fields of a logged row: tokens/s over the logged interval, MFU against the device's
+    peak (None where unknown), peak memory so far, milliseconds per step is the caller's."""
+    tok_per_s = tokens / seconds
+    peak = peak_flops(device)
+    return {"tok_per_s": tok_per_s, "mfu": flops_per_token * tok_per_s / (peak * world_size) if peak else None,
+            "mem_gb": memory_gb(device)}
+
+
+def stop_on_nan(losses: list, first_step: int, out_dir: str):
+    """Stop at a NaN/inf training loss, naming its step (losses[i] is step first_step + i)."""
+    if not all(map(math.isfinite, losses)):
+        bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
+        die(f"loss is {losses[bad]} at step {first_step + bad}; stopping (the last checkpoint in {out_dir} "
+            f"is intact). Try a lower --lr_muon/--lr_adamw or --dtype bfloat16/float32.")
 
 
 def format_eta(seconds: float) -> str:

@@ -29,6 +29,7 @@ Speed lives in muon_fast.py: same-shape parameters become one stack that they ar
 batched Newton-Schulz in one compiled graph; on CUDA Newton-Schulz takes a Triton path (the same polynomial).
 """
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -190,6 +191,15 @@ def weight_stack(params: list) -> Tensor:
                              lambda i, t: setattr(params[i], "data", t))
 
 
+def grad_sq_sum(params) -> Tensor:
+    """Sum of squared gradient entries, accumulated in float32, as a 0-D tensor: one multi-tensor norm
+    (a square and a sum per tensor would be hundreds of small kernels per step)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())  # a 0-D CPU tensor adds to one on any device
+    return torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
+
+
 def same_shape_groups(params) -> list:
     """Parameters grouped by (shape, dtype, device): each group is one batched Newton-Schulz."""
     groups = {}
@@ -221,6 +231,14 @@ class Muon(torch.optim.Optimizer):
                                      f"of shape {tuple(p.shape)}. Put biases, norm weights and other "
                                      f"vectors/scalars in AdamW (model.split_params does this).")
         self.compile = compile
+
+    def reduce_grads(self):
+        """Nothing to average on one process (DistMuon launches its reduce-scatters here)."""
+
+    @torch.no_grad()
+    def grad_sq_sum(self) -> Tensor:
+        """Sum of squares of the Muon gradients (DistMuon: of their average over ranks), for the global clip."""
+        return grad_sq_sum(p for group in self.param_groups for p in group["params"])
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: float | Tensor = 1.0):
@@ -359,3 +377,81 @@ class DistMuon(Muon):
         for _, params, _, owned in self._groups():
             for p in set(params) - set(owned):
                 self.state.pop(p, None)
+
+
+# ------------------------------------------------------------------ one training step of both optimizers
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def step_optimizers(muon_opt, adamw_opt, max_norm: float, scaler) -> tuple[Tensor, bool]:
+    """Everything between the backward and the next forward, in the order it runs on every rank (there is
+    no DDP wrapper, and nothing is averaged twice):
+
+      1. unscale  fp16's GradScaler takes the loss scale back out (a disabled scaler does nothing);
+      2. sync     AdamW's gradients are all-reduced (averaged); DistMuon launches the reduce-scatters that
+                  give each owner the average of its slice of every same-shape group;
+      3. clip     one norm over every averaged gradient: AdamW's in full, Muon's from the owners' slices
+                  (so with clipping on, the reduce-scatters finish here); AdamW's gradients are scaled
+                  now, Muon's inside its step (grad_scale);
+      4. step     Muon (the owners orthogonalise, the updates are all-gathered) and AdamW; fp16 skips a
+                  step whose gradient overflowed, on every rank alike since the norm is global;
+      5. zero     both optimizers' gradients.
+
+    muon_opt may be None (--optimizer adamw). Returns the norm before clipping, a 0-D tensor the host does
+    not wait for (except under fp16), and whether the step ran."""
+    adamw_params = [p for group in adamw_opt.param_groups for p in group["params"] if p.grad is not None]
+    scaler.unscale_(adamw_opt)
+    if muon_opt is not None:
+        scaler.unscale_(muon_opt)
+    pending = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True)
+               for p in adamw_params] if is_distributed() else []
+    if muon_opt is not None:
+        muon_opt.reduce_grads()
+    for work in pending:
+        work.wait()
+    sq = grad_sq_sum(adamw_params)
+    norm = (sq + muon_opt.grad_sq_sum() if muon_opt is not None else sq).sqrt()
+    scale = torch.ones_like(norm)
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
+        if adamw_params:
+            torch._foreach_mul_([p.grad for p in adamw_params], scale)
+    stepped = not scaler.is_enabled() or math.isfinite(norm.item())
+    if stepped:
+        if muon_opt is not None:
+            start = _mark(norm.device)
+            muon_opt.step(grad_scale=scale)
+            muon_opt.last_step_span = (start, _mark(norm.device))
+        adamw_opt.step()
+    scaler.update()
+    for opt in (muon_opt, adamw_opt):
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+    return norm, stepped
+
+
+def _mark(device):
+    """A point in the device's queue (a recorded CUDA event; the wall clock on a CPU): timing a span this
+    way costs the host no wait."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def last_step_ms(muon_opt) -> float | None:
+    """Milliseconds of the last Muon step that step_optimizers ran since the previous call, else None. On a
+    GPU this waits for that step to finish: call it where the host waits anyway (a logged step)."""
+    start, end = getattr(muon_opt, "last_step_span", None) or (None, None)
+    if start is None:
+        return None
+    muon_opt.last_step_span = None
+    if isinstance(start, float):
+        return (end - start) * 1e3
+    end.synchronize()
+    return start.elapsed_time(end)

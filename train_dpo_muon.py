@@ -24,14 +24,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from common import (EXIT_INTERRUPTED, MetricsLogger, answer_accuracy, answer_questions, any_rank, catch_interrupts,
-                    check_model_matches, check_resume, cleanup_distributed, clip_grads, die, format_eta,
-                    load_checkpoint, load_checkpoint_tokenizer, lock_out_dir, mark, memory_gb, ms_between,
-                    peak_flops, print0, resolve_chat_data, rng_state, save_checkpoint, set_rng_state, setup_run,
-                    split_val, sync_grads, total_steps_of, train_arg_parser, warn)
+                    check_model_matches, check_resume, cleanup_distributed, die, load_checkpoint,
+                    load_checkpoint_tokenizer, lock_out_dir, print0, resolve_chat_data, rng_state, save_checkpoint,
+                    set_rng_state, setup_run, split_val, step_speed, stop_on_nan, total_steps_of, train_arg_parser, warn)
 from data.loaders import DPOLoader, collate_dpo, encode_dpo
 from data.readers import DataError, read_dpo_jsonl
 from model import GPT, ModelConfig, split_params, split_summary
-from muon import DistMuon, Muon
+from muon import DistMuon, Muon, last_step_ms, step_optimizers
 
 STAGE = "dpo"
 
@@ -206,7 +205,7 @@ def main():
     adamw_opt = torch.optim.AdamW([dict(params=[p for p in adamw_params if p.ndim >= 2], weight_decay=args.weight_decay),
                                    dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
                                   lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type) if args.dtype == "float16" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")  # fp16 only: else a no-op
     step, skipped = 0, 0
     if args.resume:
         if muon_opt is not None:
@@ -214,7 +213,7 @@ def main():
         adamw_opt.load_state_dict(ckpt["adamw_opt"])
         train_loader.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"], device)
-        if scaler is not None and ckpt.get("scaler"):
+        if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
         print0(f"resumed {ckpt_path} at step {step} (saved by {ckpt['world_size']} process(es))")
@@ -229,34 +228,31 @@ def main():
             save_checkpoint(ckpt_path, {
                 "stage": STAGE, "step": step, "model": raw_model.state_dict(),
                 "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_opt.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None, "skipped_steps": skipped,
+                "scaler": scaler.state_dict(), "skipped_steps": skipped,
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
                 "world_size": world_size, "init_from": args.init_from, "tokenizer_path": tok.name,
                 "tokenizer_fingerprint": tok.fingerprint, **metrics})
 
     # ---------------------------------------------------------------- loop
     interrupted = catch_interrupts()  # Ctrl-C or SIGTERM: save at the next logged step, exit
-    logger = MetricsLogger(args, STAGE, rank, resume=args.resume)
-    flops_per_token, peak = raw_model.flops_per_token(), peak_flops(device)
+    logger = MetricsLogger(args, STAGE, rank, resume=args.resume, steps=(step, total_steps))
+    flops_per_token = raw_model.flops_per_token()
 
     def is_logged(step):  # the host waits for the GPU only on these steps
         return (step % args.log_interval == 0 or step == total_steps or step % args.eval_interval == 0
                 or (args.save_interval and step % args.save_interval == 0))
 
     t_start, start_step = time.time(), step
-    t_log, step_log, history, muon_span = t_start, step, [], None
+    t_log, step_log, history = t_start, step, []
     while True:
         last = step >= total_steps
         if step % args.eval_interval == 0 or last:
             metrics = evaluate(model, ref_model, val_encoded, args, rank, world_size, device, ctx, tok.pad_id)
             if not math.isfinite(metrics["val_loss"]):
                 die(f"val loss is {metrics['val_loss']} at step {step}; stopping (the last checkpoint is intact)")
-            console = (f"step {step:5d} | val loss {metrics['val_loss']:.4f} | preference accuracy "
-                       f"{metrics['pref_acc']:.1%} | reward accuracy {metrics['val_reward_acc']:.1%}")
             if questions:
-                metrics["answer_acc"], n = answer_accuracy(raw_model, tok, questions, device, ctx, rank, world_size)
-                console += f" | answer accuracy {metrics['answer_acc']:.1%} of {n}"
-            logger.log({"step": step, **metrics}, console)
+                metrics["answer_acc"], _ = answer_accuracy(raw_model, tok, questions, device, ctx, rank, world_size)
+            logger.log({"step": step, **metrics})
             if step > start_step:
                 save(step, metrics)
         elif args.save_interval and step % args.save_interval == 0:
@@ -287,7 +283,7 @@ def main():
                 chosen, rejected = pair_logps(model, x, y, mask)
             loss, cr, rr = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, args.beta)
             loss = loss / args.accumulation_steps
-            (scaler.scale(loss) if scaler else loss).backward()
+            scaler.scale(loss).backward()
             stats += torch.stack([loss.detach(), (cr > rr).float().mean() / args.accumulation_steps,
                                   (cr - rr).mean() / args.accumulation_steps, cr.mean() / args.accumulation_steps,
                                   rr.mean() / args.accumulation_steps, (y != -1).sum() * world_size])
@@ -295,61 +291,28 @@ def main():
             dist.all_reduce(stats, op=dist.ReduceOp.AVG)
         history.append(stats)
 
-        # gradients: averaged over ranks (AdamW's here, Muon's inside DistMuon), one global clip,
-        # both optimizer steps. fp16 skips a step whose gradient overflowed (the only host sync here).
-        if scaler:
-            scaler.unscale_(adamw_opt)
-            if muon_opt is not None:
-                scaler.unscale_(muon_opt)
-        sync_grads(adamw_params, muon_opt, world_size)
-        grad_norm, clip = clip_grads(muon_opt, muon_params, adamw_params, args.grad_clip, world_size)
-        timed = muon_opt is not None and is_logged(step + 1)
-        if scaler and not math.isfinite(grad_norm.item()):
-            skipped += 1
-            muon_span = None if timed else muon_span
-        else:
-            start = mark(device) if timed else None
-            if muon_opt is not None:
-                muon_opt.step(grad_scale=clip)
-            muon_span = (start, mark(device)) if timed else muon_span
-            adamw_opt.step()
-        if scaler:
-            scaler.update()
-        if muon_opt is not None:
-            muon_opt.zero_grad(set_to_none=True)
-        adamw_opt.zero_grad(set_to_none=True)
+        # the step after the backward: unscale -> average over ranks -> one global clip -> both steps -> zero
+        grad_norm, stepped = step_optimizers(muon_opt, adamw_opt, args.grad_clip, scaler)
+        skipped += not stepped
         step += 1
         if not is_logged(step):
             continue
 
         # ---- logged step: the losses since the last one, a log row, maybe stop
         losses = torch.stack(history)[:, 0].tolist()
-        muon_ms = ms_between(*muon_span) if muon_span else None
-        if not all(map(math.isfinite, losses)):
-            bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
-            die(f"loss is {losses[bad]} at step {step_log + bad}; stopping (the last checkpoint in {args.out_dir} "
-                f"is intact). Try a lower --lr_muon/--lr_adamw or --dtype bfloat16/float32.")
+        stop_on_nan(losses, step_log, args.out_dir)
         dt = (time.time() - t_log) / (step - step_log)
-        tok_per_s = torch.stack(history)[:, -1].sum().item() / (dt * (step - step_log))  # non-padding tokens
-        # the policy's forward + backward, plus the reference's forward (a third of that)
-        mfu = 4 / 3 * flops_per_token * tok_per_s / (peak * world_size) if peak else None
-        eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
+        tokens = torch.stack(history)[:, -1].sum().item()  # non-padding tokens of the interval
         reward_acc, margin, chosen_reward, rejected_reward = history[-1][1:5].tolist()
-        row = {"step": step, "loss": losses[-1], "reward_acc": reward_acc, "reward_margin": margin,
-               "chosen_reward": chosen_reward, "rejected_reward": rejected_reward,
-               "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
-               "momentum": momentum if muon_opt else None, "grad_norm": grad_norm.item(),
-               "tok_per_s": tok_per_s, "mfu": mfu, "mem_gb": memory_gb(device), "muon_ms": muon_ms,
-               "step_ms": dt * 1e3, "skipped_steps": skipped, "pairs": step * pairs_per_step,
-               "elapsed_s": time.time() - t_start}
-        logger.log(row, f"step {step:5d}/{total_steps} | loss {losses[-1]:.4f} | reward acc {reward_acc:.2f} | "
-                        f"margin {margin:+.3f} (chosen {chosen_reward:+.3f}, rejected {rejected_reward:+.3f}) | "
-                        f"lr_muon {lr_muon:.2e} | "
-                        f"lr_adamw {lr_adamw:.2e} | momentum {momentum:.3f} | grad norm {row['grad_norm']:.3f} | "
-                        f"{tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
-                        + f" | mem {row['mem_gb']:.2f} GB" + (f" | muon {muon_ms:.1f}/{dt * 1e3:.0f} ms" if muon_ms else "")
-                        + (f" | {skipped} skipped (fp16 overflow)" if skipped else "") + f" | ETA {format_eta(eta)}")
-        t_log, step_log, history, muon_span = time.time(), step, [], None
+        # the policy's forward + backward, plus the reference's forward (a third of that)
+        logger.log({"step": step, "loss": losses[-1], "reward_acc": reward_acc, "reward_margin": margin,
+                    "chosen_reward": chosen_reward, "rejected_reward": rejected_reward,
+                    "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
+                    "momentum": momentum if muon_opt else None, "grad_norm": grad_norm.item(),
+                    **step_speed(tokens, dt * (step - step_log), 4 / 3 * flops_per_token, device, world_size),
+                    "muon_ms": last_step_ms(muon_opt), "step_ms": dt * 1e3, "skipped_steps": skipped,
+                    "pairs": step * pairs_per_step})
+        t_log, step_log, history = time.time(), step, []
         if any_rank(bool(interrupted), device, world_size) and step < total_steps:
             save(step, metrics)
             print0(f"interrupted: saved step {step} to {ckpt_path}; run again with --resume to continue")

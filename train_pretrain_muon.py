@@ -15,15 +15,15 @@ import torch
 import torch.distributed as dist
 
 from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, catch_interrupts, check_model_matches, check_resume,
-                    cleanup_distributed, clip_grads, die, format_eta, load_checkpoint, lock_out_dir, mark, memory_gb,
-                    ms_between, peak_flops, print0, rng_state, save_checkpoint, set_rng_state, setup_run, sync_grads,
-                    synchronized_time, total_steps_of, train_arg_parser)
+                    cleanup_distributed, die, load_checkpoint, lock_out_dir, print0, rng_state, save_checkpoint,
+                    set_rng_state, setup_run, step_speed, stop_on_nan, synchronized_time, total_steps_of,
+                    train_arg_parser)
 from data.loaders import TokenWindowLoader, eval_batches, eval_bytes_per_token
 from data.prepare import prepare_source
 from data.readers import DataError
 from data.tokenizer import load_tokenizer
 from model import GPT, ModelConfig, split_params, split_summary
-from muon import DistMuon, Muon
+from muon import DistMuon, Muon, last_step_ms, step_optimizers
 
 STAGE = "pretrain"
 # 3.2M parameters on the embedded corpus: a CPU demo in minutes (a checkpoint from before norm_weights had them)
@@ -180,7 +180,7 @@ def main():
                                         weight_decay=args.weight_decay),
                                    dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
                                   lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type) if args.dtype == "float16" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")  # fp16 only: else a no-op
     step, skipped = 0, 0
     if ckpt is not None:
         if muon_opt is not None:
@@ -188,7 +188,7 @@ def main():
         adamw_opt.load_state_dict(ckpt["adamw_opt"])
         train_loader.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"], device)
-        if scaler is not None and ckpt.get("scaler"):
+        if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
         print0(f"resumed {ckpt_path} at step {step} (saved by {ckpt['world_size']} process(es))")
@@ -201,7 +201,7 @@ def main():
             save_checkpoint(ckpt_path, {
                 "stage": STAGE, "step": step, "model": raw_model.state_dict(),
                 "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_opt.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None, "skipped_steps": skipped,
+                "scaler": scaler.state_dict(), "skipped_steps": skipped,
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
                 "world_size": world_size, "val_loss": val_loss, "init_from": args.init_from,
                 "tokenizer_path": os.path.abspath(os.path.join(data_dir, "tokenizer.json")),
@@ -209,15 +209,15 @@ def main():
 
     # ---------------------------------------------------------------- loop
     interrupted = catch_interrupts()  # Ctrl-C or SIGTERM: save at the next logged step, exit
-    logger = MetricsLogger(args, STAGE, rank, resume=args.resume)
-    flops_per_token, peak = raw_model.flops_per_token(), peak_flops(device)
+    logger = MetricsLogger(args, STAGE, rank, resume=args.resume, steps=(step, total_steps))
+    flops_per_token = raw_model.flops_per_token()
 
     def is_logged(step):  # the host waits for the GPU only on these steps
         return (step % args.log_interval == 0 or step == total_steps or step % args.eval_interval == 0
                 or (args.save_interval and step % args.save_interval == 0))
 
     t_start, start_step, val_loss = time.time(), step, None
-    t_log, step_log, history, muon_span = t_start, step, [], None
+    t_log, step_log, history = t_start, step, []
     paused_s = 0.0  # time in evaluations and saves: train_s leaves it out
     while True:
         last = step >= total_steps
@@ -228,8 +228,7 @@ def main():
                 die(f"val loss is {val_loss} at step {step}; stopping (the last checkpoint is intact)")
             val_bpb = val_loss / math.log(2) / val_bytes_per_token
             logger.log({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": step * tokens_per_step,
-                        "train_s": t_pause - t_start - paused_s},
-                       f"step {step:5d} | val loss {val_loss:.4f} | val bpb {val_bpb:.4f}")
+                        "train_s": t_pause - t_start - paused_s})
             if step > start_step:
                 save(step, val_loss)
             paused_s += time.time() - t_pause
@@ -259,61 +258,29 @@ def main():
             with ctx:
                 _, loss = model(x, y)
             loss = loss / args.accumulation_steps
-            (scaler.scale(loss) if scaler else loss).backward()
+            scaler.scale(loss).backward()
             stats += loss.detach()
         if world_size > 1:  # log the global batch's numbers; every rank then agrees on a NaN too
             dist.all_reduce(stats, op=dist.ReduceOp.AVG)
         history.append(stats)
 
-        # gradients: averaged over ranks (AdamW's here, Muon's inside DistMuon), one global clip,
-        # both optimizer steps. fp16 skips a step whose gradient overflowed (the only host sync here).
-        if scaler:
-            scaler.unscale_(adamw_opt)
-            if muon_opt is not None:
-                scaler.unscale_(muon_opt)
-        sync_grads(adamw_params, muon_opt, world_size)
-        grad_norm, clip = clip_grads(muon_opt, muon_params, adamw_params, args.grad_clip, world_size)
-        timed = muon_opt is not None and is_logged(step + 1)
-        if scaler and not math.isfinite(grad_norm.item()):
-            skipped += 1
-            muon_span = None if timed else muon_span
-        else:
-            start = mark(device) if timed else None
-            if muon_opt is not None:
-                muon_opt.step(grad_scale=clip)
-            muon_span = (start, mark(device)) if timed else muon_span
-            adamw_opt.step()
-        if scaler:
-            scaler.update()
-        if muon_opt is not None:
-            muon_opt.zero_grad(set_to_none=True)
-        adamw_opt.zero_grad(set_to_none=True)
+        # the step after the backward: unscale -> average over ranks -> one global clip -> both steps -> zero
+        grad_norm, stepped = step_optimizers(muon_opt, adamw_opt, args.grad_clip, scaler)
+        skipped += not stepped
         step += 1
         if not is_logged(step):
             continue
 
         # ---- logged step: the losses since the last one, a log row, maybe stop
         losses = torch.stack(history)[:, 0].tolist()
-        muon_ms = ms_between(*muon_span) if muon_span else None
-        if not all(map(math.isfinite, losses)):
-            bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
-            die(f"loss is {losses[bad]} at step {step_log + bad}; stopping (the last checkpoint in {args.out_dir} "
-                f"is intact). Try a lower --lr_muon/--lr_adamw or --dtype bfloat16/float32.")
+        stop_on_nan(losses, step_log, args.out_dir)
         dt = (time.time() - t_log) / (step - step_log)
-        tok_per_s = tokens_per_step / dt
-        mfu = flops_per_token * tok_per_s / (peak * world_size) if peak else None
-        eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
-        row = {"step": step, "loss": losses[-1], "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
-               "momentum": momentum if muon_opt else None, "grad_norm": grad_norm.item(),
-               "tok_per_s": tok_per_s, "mfu": mfu, "mem_gb": memory_gb(device), "muon_ms": muon_ms,
-               "step_ms": dt * 1e3, "skipped_steps": skipped, "tokens": step * tokens_per_step,
-               "elapsed_s": time.time() - t_start}
-        logger.log(row, f"step {step:5d}/{total_steps} | loss {losses[-1]:.4f} | lr_muon {lr_muon:.2e} | "
-                        f"lr_adamw {lr_adamw:.2e} | momentum {momentum:.3f} | grad norm {row['grad_norm']:.3f} | "
-                        f"{tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
-                        + f" | mem {row['mem_gb']:.2f} GB" + (f" | muon {muon_ms:.1f}/{dt * 1e3:.0f} ms" if muon_ms else "")
-                        + (f" | {skipped} skipped (fp16 overflow)" if skipped else "") + f" | ETA {format_eta(eta)}")
-        t_log, step_log, history, muon_span = time.time(), step, [], None
+        logger.log({"step": step, "loss": losses[-1], "lr_muon": lr_muon if muon_opt else None, "lr_adamw": lr_adamw,
+                    "momentum": momentum if muon_opt else None, "grad_norm": grad_norm.item(),
+                    **step_speed(tokens_per_step, dt, flops_per_token, device, world_size),
+                    "muon_ms": last_step_ms(muon_opt), "step_ms": dt * 1e3, "skipped_steps": skipped,
+                    "tokens": step * tokens_per_step})
+        t_log, step_log, history = time.time(), step, []
         if any_rank(bool(interrupted), device, world_size) and step < total_steps:
             save(step, val_loss)
             print0(f"interrupted: saved step {step} to {ckpt_path}; run again with --resume to continue")

@@ -659,3 +659,55 @@ def test_gram_kernel_takes_its_coefficients_as_compile_time_constants():
         pytest.fail("triton is missing: it ships with torch's CPU and CUDA wheels")
     constants = [p.name for p in muon_fast._gram_kernel.params if p.is_constexpr]
     assert {"alpha", "beta", "shift"} <= set(constants)
+
+
+def _two_optimizers(seed=0):
+    torch.manual_seed(seed)
+    muon_params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    adamw_params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)] + [torch.nn.Parameter(torch.randn(2))]
+    for p in muon_params + adamw_params[:2]:  # the last AdamW parameter has no gradient
+        p.grad = torch.randn_like(p) * 3
+    return muon_params, adamw_params, Muon(muon_params, lr=0.1), torch.optim.AdamW(adamw_params, lr=0.1)
+
+
+def test_step_optimizers_clips_both_optimizers_by_one_global_norm_then_steps_and_zeroes():
+    muon_params, adamw_params, muon_opt, adamw_opt = _two_optimizers()
+    grads = [p.grad.clone() for p in muon_params + adamw_params[:2]]
+    want = torch.cat([g.flatten() for g in grads]).norm()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    norm, stepped = muon.step_optimizers(muon_opt, adamw_opt, 1.0, scaler)
+    assert stepped and norm.item() == pytest.approx(want.item(), rel=1e-6)
+    assert all(p.grad is None for p in muon_params + adamw_params)
+    # the same step by hand: every gradient scaled to norm 1, then both steps
+    ref_muon, ref_adamw, ref_muon_opt, ref_adamw_opt = _two_optimizers()
+    for p in ref_muon + ref_adamw[:2]:
+        p.grad /= want
+    ref_muon_opt.step()
+    ref_adamw_opt.step()
+    for p, q in zip(muon_params + adamw_params, ref_muon + ref_adamw):
+        torch.testing.assert_close(p.detach(), q.detach())
+
+
+def test_step_optimizers_does_not_clip_under_the_limit_and_times_the_muon_step():
+    muon_params, adamw_params, muon_opt, adamw_opt = _two_optimizers()
+    ref_muon, ref_adamw, ref_muon_opt, ref_adamw_opt = _two_optimizers()
+    muon.step_optimizers(muon_opt, adamw_opt, 1e6, torch.amp.GradScaler("cpu", enabled=False))
+    ref_muon_opt.step()
+    ref_adamw_opt.step()
+    for p, q in zip(muon_params + adamw_params, ref_muon + ref_adamw):
+        torch.testing.assert_close(p.detach(), q.detach())
+    ms = muon.last_step_ms(muon_opt)
+    assert ms is not None and ms > 0
+    assert muon.last_step_ms(muon_opt) is None  # read once: no Muon step ran since
+
+
+def test_step_optimizers_skips_an_overflowed_fp16_step_on_both_optimizers():
+    muon_params, adamw_params, muon_opt, adamw_opt = _two_optimizers()
+    before = [p.detach().clone() for p in muon_params + adamw_params]
+    muon_params[0].grad[0, 0] = float("inf")
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(torch.ones(()))  # as the backward of a scaled loss would
+    norm, stepped = muon.step_optimizers(muon_opt, adamw_opt, 1.0, scaler)
+    assert not stepped and not torch.isfinite(norm)
+    assert all(torch.equal(p, b) for p, b in zip(muon_params + adamw_params, before))
+    assert scaler.get_scale() == 2.0 and muon.last_step_ms(muon_opt) is None

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import EXIT_INTERRUPTED, clip_grads, save_checkpoint
+from common import EXIT_INTERRUPTED, save_checkpoint
 from conftest import run_finished_script, run_main, script_env
 from data.prepare import prepare_default
 
@@ -198,24 +198,6 @@ def test_resume_on_a_different_number_of_processes_continues_training(data_dir, 
     ckpt = torch.load(tmp_path / "pretrain.pt", weights_only=True)
     assert ckpt["step"] == 14 and ckpt["world_size"] == 2
     assert metrics(tmp_path)[14]["val_loss"] < before
-
-
-def test_clip_grads_takes_one_norm_over_both_parameter_sets_and_scales_only_adamw():
-    torch.manual_seed(0)
-    muon_params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
-    adamw_params = [torch.nn.Parameter(torch.randn(4)) for _ in range(2)] + [torch.nn.Parameter(torch.randn(2))]
-    for p in muon_params + adamw_params[:2]:  # the last AdamW parameter has no gradient
-        p.grad = torch.randn_like(p) * 3
-    ref = [p.grad.clone() for p in muon_params + adamw_params[:2]]
-    want = torch.cat([g.flatten() for g in ref]).norm()
-    norm, scale = clip_grads(object(), muon_params, adamw_params, max_norm=1.0, world_size=1)
-    assert norm.item() == pytest.approx(want.item(), rel=1e-6) and scale.item() == pytest.approx(1.0 / want.item(), rel=1e-5)
-    # AdamW gradients are scaled here; Muon's are left to Muon.step(grad_scale=scale)
-    for p, g in zip(adamw_params[:2], ref[3:]):
-        torch.testing.assert_close(p.grad, g * scale)
-    for p, g in zip(muon_params, ref[:3]):
-        torch.testing.assert_close(p.grad, g)
-    assert clip_grads(None, [], adamw_params, max_norm=100.0, world_size=1)[1].item() == 1.0  # under the limit: no clip
 
 
 def test_a_crash_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path):
