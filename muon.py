@@ -35,7 +35,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-import muon_fast
+try:  # the speed (muon_fast.py) is a plug-in: without it the same math runs, with a copy per stack and step
+    import muon_fast
+except ImportError:
+    muon_fast = None
 
 # torch 2.13 renamed the flat collectives; 2.11 only has the old names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -85,7 +88,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, coefficients: str = "
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)
     tall = G.size(-2) > G.size(-1)
     X = X.mT if tall else X
-    if muon_fast.enabled(X) and X.ndim == 3:  # the same iterations with half-cost symmetric products
+    if muon_fast is not None and muon_fast.enabled(X) and X.ndim == 3:  # the same iterations with half-cost symmetric products
         X = muon_fast.newton_schulz(X, coefficients)
     else:
         for a, b, c in coefficients:
@@ -159,6 +162,30 @@ def muon_step(W: Tensor, G: Tensor, M: Tensor, V: Tensor | None, hp: dict, group
 
 # ------------------------------------------------------------------ plumbing
 
+def stacked(tensors: list, shape, rebind) -> Tensor:
+    """The tensors as one stack [n, *shape] (shape: each one's matrix view): a new stack each step, which each
+    tensor is rebound to a view of (rebind(i, view)), so the step updates them all in place. muon_fast's
+    version finds the stack of the step before and copies nothing."""
+    stack = torch.stack([t.reshape(shape) for t in tensors])
+    for i, t in enumerate(tensors):
+        rebind(i, stack[i].view(t.shape))
+    return stack
+
+
+def hyperparameters(group: dict, grad_scale) -> dict:
+    """The values a schedule may change, as the step reads them (muon_fast: as 0-D tensors, for compile)."""
+    return {**{k: float(group[k]) for k in ("lr", "momentum", "weight_decay", "beta2")}, "grad_scale": grad_scale}
+
+
+def compiled(fn, compile, on_cuda: bool):
+    """fn itself (muon_fast: fn under torch.compile as Muon's `compile` option says)."""
+    return fn
+
+
+if muon_fast is not None:
+    stacked, hyperparameters, compiled = muon_fast.stacked, muon_fast.hyperparameters, muon_fast.compiled
+
+
 def matrix_view(x: Tensor) -> Tensor:
     """The view Muon orthogonalises: 2-D and 3-D (stack) as they are, >=4-D conv-like as (shape[0], -1)."""
     return x if x.ndim <= 3 else x.view(x.size(0), -1)
@@ -181,13 +208,13 @@ def state_stacks(state: dict, params: list, group: dict):
 
     def stack(key):
         tensors = [state[p][key] for p in params]
-        return muon_fast.stacked(tensors, matrix_view(tensors[0]).shape,
+        return stacked(tensors, matrix_view(tensors[0]).shape,
                                  lambda i, t: state[params[i]].__setitem__(key, t))
     return stack("momentum_buffer"), stack("second_moment") if group["normuon"] else None
 
 
 def weight_stack(params: list) -> Tensor:
-    return muon_fast.stacked([p.data for p in params], matrix_view(params[0]).shape,
+    return stacked([p.data for p in params], matrix_view(params[0]).shape,
                              lambda i, t: setattr(params[i], "data", t))
 
 
@@ -249,11 +276,11 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            hp = muon_fast.hyperparameters(group, grad_scale)
+            hp = hyperparameters(group, grad_scale)
             for params in same_shape_groups([p for p in group["params"] if p.grad is not None]):
                 G = torch.stack([matrix_view(p.grad) for p in params])
                 M, V = state_stacks(self.state, params, group)
-                step = muon_fast.compiled(muon_step, self.compile, params[0].is_cuda)
+                step = compiled(muon_step, self.compile, params[0].is_cuda)
                 step(weight_stack(params), G, M, V, hp, group)
         return loss
 
@@ -335,16 +362,16 @@ class DistMuon(Muon):
         for (group, params, per_rank, owned), (work, grads) in zip(self._groups(), pending):
             work.wait()  # 2. the owner turns its averaged slice into updates, then shares them
             update = grads.new_zeros(grads.shape, dtype=torch.bfloat16)
-            hp = muon_fast.hyperparameters(group, grad_scale)
+            hp = hyperparameters(group, grad_scale)
             if owned:
                 M, V = state_stacks(self.state, owned, group)
-                run = muon_fast.compiled(orthogonalised_update, self.compile, grads.is_cuda)
+                run = compiled(orthogonalised_update, self.compile, grads.is_cuda)
                 update[:len(owned)] = run(grads[:len(owned)], M, V, hp, group)
             full = update.new_empty((per_rank * self.world_size, *update.shape[1:]))
             gathers.append((_all_gather(full, update, async_op=True), full, hp, group, params))
         for work, full, hp, group, params in gathers:
             work.wait()  # 3. every rank applies every update to its replica of the weights
-            run = muon_fast.compiled(apply_update, self.compile, full.is_cuda)
+            run = compiled(apply_update, self.compile, full.is_cuda)
             run(weight_stack(params), full[:len(params)], hp, group)
         return loss
 
