@@ -711,3 +711,40 @@ def test_step_optimizers_skips_an_overflowed_fp16_step_on_both_optimizers():
     assert not stepped and not torch.isfinite(norm)
     assert all(torch.equal(p, b) for p, b in zip(muon_params + adamw_params, before))
     assert scaler.get_scale() == 2.0 and muon.last_step_ms(muon_opt) is None
+
+
+WITHOUT_FAST = """
+import sys
+sys.modules["muon_fast"] = None  # as if muon_fast.py were deleted: importing it raises ImportError
+import torch, muon
+assert muon.muon_fast is None
+exec(open(sys.argv[1]).read())
+torch.save(run(muon), sys.argv[2])
+"""
+
+TRAIN_A_FEW_STEPS = """
+def run(muon):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(8, 4), (8, 4), (4, 8), (2, 6, 6), (3, 2, 2, 2)]]
+    opt = muon.Muon(params, lr=0.1, weight_decay=0.1, normuon=True, cautious_wd=True)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step(grad_scale=0.5)
+    return [p.detach().clone() for p in params] + [opt.state[p]["momentum_buffer"] for p in params]
+"""
+
+
+def test_muon_without_its_speed_file_computes_the_same_steps(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "train.py").write_text(TRAIN_A_FEW_STEPS)
+    r = subprocess.run([sys.executable, "-c", WITHOUT_FAST, str(tmp_path / "train.py"), str(tmp_path / "plain.pt")],
+                       cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    namespace = {"torch": torch}
+    exec(TRAIN_A_FEW_STEPS, namespace)
+    with_fast = namespace["run"](muon)
+    assert muon.muon_fast is not None
+    for a, b in zip(torch.load(tmp_path / "plain.pt", weights_only=True), with_fast):
+        torch.testing.assert_close(a, b)  # float and 0-D tensor hyperparameters round alike to ~1e-7
