@@ -34,6 +34,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 try:  # the speed (muon_fast.py) is a plug-in: without it the same math runs, with a copy per stack and step
     import muon_fast
@@ -191,9 +192,14 @@ def matrix_view(x: Tensor) -> Tensor:
     return x if x.ndim <= 3 else x.view(x.size(0), -1)
 
 
+def matrix_shape(shape) -> tuple:
+    """matrix_view's shape for a tensor of this shape."""
+    return tuple(shape) if len(shape) <= 3 else (shape[0], math.prod(shape[1:]))
+
+
 def second_moment_shape(p: Tensor) -> tuple:
     """NorMuon's factored second moment: the matrix view's shape with the averaged dim set to 1."""
-    *batch, rows, cols = matrix_view(p).shape
+    *batch, rows, cols = matrix_shape(p.shape)
     return (*batch, rows, 1) if rows >= cols else (*batch, 1, cols)
 
 
@@ -202,9 +208,11 @@ def state_stacks(state: dict, params: list, group: dict):
     for p in params:
         s = state[p]
         # .to: a parameter moved to another dtype since takes its buffer along
-        s["momentum_buffer"] = s["momentum_buffer"].to(p.dtype) if "momentum_buffer" in s else torch.zeros_like(p)
+        # a full-size plain tensor even for a sharded (DTensor) parameter: FSDPMuon's owners hold whole matrices
+        s["momentum_buffer"] = (s["momentum_buffer"].to(p.dtype) if "momentum_buffer" in s
+                                else torch.zeros(p.shape, dtype=p.dtype, device=p.device))
         if group["normuon"] and "second_moment" not in s:
-            s["second_moment"] = p.new_zeros(second_moment_shape(p), dtype=torch.float32)
+            s["second_moment"] = torch.zeros(second_moment_shape(p), dtype=torch.float32, device=p.device)
 
     def stack(key):
         tensors = [state[p][key] for p in params]
@@ -220,11 +228,21 @@ def weight_stack(params: list) -> Tensor:
 
 def grad_sq_sum(params) -> Tensor:
     """Sum of squared gradient entries, accumulated in float32, as a 0-D tensor: one multi-tensor norm
-    (a square and a sum per tensor would be hundreds of small kernels per step)."""
+    (a square and a sum per tensor would be hundreds of small kernels per step). FSDP's sharded gradients
+    are summed over their shards on every rank."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())  # a 0-D CPU tensor adds to one on any device
-    return torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum()
+    sharded = isinstance(grads[0], DTensor)
+    sq = torch.stack([n.float() for n in torch._foreach_norm([local(g) for g in grads])]).square().sum()
+    if sharded:
+        dist.all_reduce(sq)
+    return sq
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's part of a DTensor (a view: writing to it writes the parameter); any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def same_shape_groups(params) -> list:
@@ -385,7 +403,7 @@ class DistMuon(Muon):
                 layout["second_moment"] = (second_moment_shape(p), torch.float32)
             stacks = state_stacks(self.state, owned, group) if owned else (None, None)
             for (key, (shape, dtype)), stack in zip(layout.items(), stacks):
-                part = p.new_zeros((per_rank, math.prod(shape)), dtype=dtype)  # rows flattened: any shape
+                part = torch.zeros((per_rank, math.prod(shape)), dtype=dtype, device=p.device)  # rows flattened
                 if owned:
                     part[:len(owned)] = stack.flatten(1)
                 full = part.new_empty((per_rank * self.world_size, part.size(1)))
@@ -405,6 +423,74 @@ class DistMuon(Muon):
             for p in set(params) - set(owned):
                 self.state.pop(p, None)
 
+
+class FSDPMuon(DistMuon):
+    """Muon for a model sharded by FSDP2 (torch's fully_shard): every parameter is a DTensor of which rank r
+    holds row chunk r (Shard(0)), and FSDP has averaged the gradients into the same shards during the
+    backward. Newton-Schulz still sees whole matrices: each same-shape group is dealt out as in DistMuon (rank
+    r owns slice r) and a step moves row chunks to and from the owners:
+
+      1. per group: an async all-to-all sends every rank's chunks of each matrix to the matrix's owner;
+      2. per group: the owner stacks the chunks into whole gradients, turns them into updates
+         (orthogonalised_update: the same math as Muon) and launches a second all-to-all that sends each
+         update's chunks back to the ranks that hold those rows;
+      3. per group: every rank applies its chunks of the updates to its shards (decay and step, scaled by
+         the whole matrix's shape).
+
+    Chunks are zero padded to ceil(rows / W) rows, so every message has one size. State is DistMuon's:
+    whole momentum buffers of the owned matrices, gathered into Muon's format by state_dict()."""
+
+    def reduce_grads(self):
+        """Nothing to launch: FSDP averaged the gradients in the backward."""
+
+    @torch.no_grad()
+    def grad_sq_sum(self) -> Tensor:
+        return grad_sq_sum(p for group in self.param_groups for p in group["params"])
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scale: float | Tensor = 1.0):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        W = self.world_size
+        gathers = []
+        for group, params, per_rank, owned in self._groups():  # 1. chunks to their owners
+            rows = params[0].shape[0]
+            chunk = math.ceil(rows / W)
+            send = params[0].grad.to_local().new_zeros((W * per_rank, chunk, *params[0].shape[1:]))
+            for i, p in enumerate(params):
+                g = local(p.grad)
+                send[i, :g.size(0)] = g
+            recv = torch.empty_like(send)
+            gathers.append((dist.all_to_all_single(recv, send, async_op=True), recv, group, params, per_rank, owned))
+        scatters = []
+        for work, recv, group, params, per_rank, owned in gathers:  # 2. the owners' updates, chunks sent back
+            work.wait()
+            shape, chunk = params[0].shape, recv.size(1)
+            hp = hyperparameters(group, grad_scale)
+            # recv[k * per_rank + j]: rank k's chunk of my j-th matrix; whole matrix j: its chunks in rank order
+            whole = recv.view(W, per_rank, *recv.shape[1:]).transpose(0, 1).reshape(per_rank, W * chunk, *shape[1:])
+            update = whole.new_zeros(whole.shape, dtype=torch.bfloat16)
+            if owned:
+                M, V = state_stacks(self.state, owned, group)
+                run = compiled(orthogonalised_update, self.compile, whole.is_cuda)
+                G = whole[:len(owned), :shape[0]]
+                update[:len(owned), :shape[0]] = run(G.reshape(len(owned), *matrix_shape(shape)), M, V,
+                                                      hp, group).view(G.shape)
+            send = update.view(per_rank, W, chunk, *shape[1:]).transpose(0, 1).contiguous()
+            back = torch.empty_like(send)
+            scatters.append((dist.all_to_all_single(back, send, async_op=True), back, hp, group, params))
+        for work, back, hp, group, params in scatters:  # 3. every rank updates its shards
+            work.wait()
+            shards = [local(p.data) for p in params]
+            # back[o * per_rank + j] is the chunk of owner o's j-th matrix, i.e. of matrix o * per_rank + j
+            updates = back.view(-1, *back.shape[2:])[:len(params), :shards[0].size(0)]
+            W_local = torch.stack(shards)
+            weight_update(W_local, updates, hp["lr"], hp["weight_decay"],
+                          update_scale(matrix_shape(params[0].shape), group["adjust_lr"]), group["cautious_wd"])
+            torch._foreach_copy_(shards, list(W_local.unbind(0)))
+        return loss
 
 # ------------------------------------------------------------------ one training step of both optimizers
 
@@ -433,8 +519,9 @@ def step_optimizers(muon_opt, adamw_opt, max_norm: float, scaler) -> tuple[Tenso
     scaler.unscale_(adamw_opt)
     if muon_opt is not None:
         scaler.unscale_(muon_opt)
+    # (FSDP's gradients, DTensors, were averaged into their shards during the backward)
     pending = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True)
-               for p in adamw_params] if is_distributed() else []
+               for p in adamw_params if not isinstance(p.grad, DTensor)] if is_distributed() else []
     if muon_opt is not None:
         muon_opt.reduce_grads()
     for work in pending:
@@ -446,7 +533,7 @@ def step_optimizers(muon_opt, adamw_opt, max_norm: float, scaler) -> tuple[Tenso
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         scale = torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
         if adamw_params:
-            torch._foreach_mul_([p.grad for p in adamw_params], scale)
+            torch._foreach_mul_([local(p.grad) for p in adamw_params], scale)
     stepped = not scaler.is_enabled() or math.isfinite(norm.item())
     if stepped:
         if muon_opt is not None:

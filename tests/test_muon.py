@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 import muon
 import muon_fast
-from muon import POLAR_EXPRESS, QUINTIC, DistMuon, Muon, zeropower_via_newtonschulz5
+from muon import POLAR_EXPRESS, QUINTIC, DistMuon, FSDPMuon, Muon, zeropower_via_newtonschulz5
 
 # A mixed set whose same-shape groups (5, 3, 1, 2, 1) do not divide world sizes 2, 3 or 4:
 # wide and tall matrices, a square one, a 3-D stack of matrices and a 4-D conv-like weight.
@@ -438,9 +438,24 @@ def _dist_worker(rank, world_size, tmp, init_file, plan, options):
 
 
 def _dist_body(rank, world_size, tmp, plan, options=None):
-    """plan: ("train", steps), ("memory",), ("clip",) or ("resume", steps_before, state_file, steps_after);
-    options: Muon's keyword options (OPTIONS)."""
+    """plan: ("train", steps), ("fsdp", steps), ("memory",), ("clip",) or ("resume", steps_before, state_file,
+    steps_after); options: Muon's keyword options (OPTIONS)."""
     options = options or {}
+    if plan[0] == "fsdp":  # parameters and gradients sharded on dim 0 as FSDP2 holds them
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        mesh = init_device_mesh("cpu", (world_size,))
+        params = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in make_params()]
+        opt = FSDPMuon(param_groups(params), **options)
+        for step in range(plan[1]):
+            for p, g in zip(params, global_grads(step)):
+                p.grad = distribute_tensor(g, mesh, [Shard(0)])
+            opt.step()
+        state_numel = sum(s["momentum_buffer"].numel() for s in opt.state.values())
+        sd = opt.state_dict()
+        torch.save({"params": [p.detach().full_tensor() for p in params], "opt": sd, "state_numel": state_numel,
+                    "sq": opt.grad_sq_sum()}, os.path.join(tmp, f"rank{rank}.pt"))
+        return
     if plan[0] == "memory":
         params = make_params(shapes=GPT_SHAPES)
         opt = DistMuon(params)
@@ -528,6 +543,26 @@ def test_dist_muon_matches_muon_at_every_world_size(world_size, options, tmp_pat
         for s in set(group["params"]):
             bound += math.ceil(group["params"].count(s) / world_size) * math.prod(s)
     assert max(r["state_numel"] for r in results) <= bound
+
+
+@pytest.mark.parametrize("world_size,options", [(2, "plain"), (3, "all"), (4, "all")])
+def test_fsdp_muon_on_sharded_parameters_matches_muon(world_size, options, tmp_path):
+    """Row-sharded (DTensor) parameters and gradients, as FSDP2 leaves them: whole matrices meet on their
+    owners and the updates go back as shards, so the weights and the gathered state are Muon's; uneven
+    groups and dim-0 sizes (2 rows over 3 or 4 ranks) included."""
+    expected, muon_opt = run_muon(STEPS, options=OPTIONS[options])
+    results = run_dist(world_size, tmp_path, ("fsdp", STEPS), OPTIONS[options])
+    ref_state = muon_opt.state_dict()["state"]
+    want_sq = sum(g.square().sum() for g in global_grads(STEPS - 1))
+    for r in results:
+        for got, want in zip(r["params"], expected):
+            torch.testing.assert_close(got, want.detach(), **TOL)
+        assert sorted(r["opt"]["state"]) == sorted(ref_state)
+        for k in ref_state:
+            for name in ref_state[k]:
+                torch.testing.assert_close(r["opt"]["state"][k][name], ref_state[k][name], **TOL)
+        torch.testing.assert_close(r["sq"], want_sq, rtol=1e-5, atol=0)
+    assert sum(r["state_numel"] for r in results) == sum(math.prod(s) for s in SHAPES)
 
 
 def test_dist_muon_momentum_memory_per_rank_is_a_world_size_share(tmp_path):
