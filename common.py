@@ -100,6 +100,11 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     a("--device", default="auto", help="auto, cpu, cuda")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on CUDA)")
+    a("--fsdp", action="store_true",
+      help="shard weights, gradients and optimizer state over the torchrun processes (FSDP2), for models past "
+           "one GPU's memory; Muon still orthogonalises whole matrices")
+    a("--activation_checkpointing", action="store_true",
+      help="recompute each block's activations in the backward: less memory, about a third more compute")
     a("--seed", type=nonneg, default=1337)
     # logging and checkpoints
     a("--log_interval", type=pos, default=10)
@@ -127,15 +132,19 @@ def total_steps_of(args, steps_per_epoch: float) -> int:
 
 # ------------------------------------------------------------------------------ distributed
 
-def setup_distributed(device_arg: str):
-    """Returns (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU; one GPU per process."""
+def setup_distributed(device_arg: str, fsdp: bool = False):
+    """Returns (rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU; one GPU per process.
+    FSDP needs the process group even for one process."""
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     if device_arg.startswith("cuda") and not torch.cuda.is_available():
         die("--device cuda was asked for but no CUDA GPU is available")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device_arg)
-    if world_size > 1:
+    if fsdp and "LOCAL_RANK" not in os.environ:
+        die("--fsdp shards the model over the processes torchrun starts: run it as "
+            "`torchrun --nproc_per_node N SCRIPT --fsdp ...` (N = 1 works too)")
+    if world_size > 1 or fsdp:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
@@ -147,14 +156,36 @@ def setup_run(args):
     """Distributed init, then the run-wide defaults every stage shares: bf16 autocast and
     torch.compile on CUDA, fp32 and eager on CPU, the seed, TF32 matmuls.
     Returns (rank, world_size, device, autocast context, use_compile); fills in args.dtype."""
-    rank, world_size, device = setup_distributed(args.device)
+    rank, world_size, device = setup_distributed(args.device, args.fsdp)
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    if args.fsdp and args.dtype == "float16":
+        die("--fsdp runs in bfloat16 or float32: fp16's loss scaling is not supported on sharded gradients here; "
+            "use --dtype bfloat16")
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     torch.manual_seed(args.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return rank, world_size, device, autocast(device, args.dtype), use_compile
+
+
+def wrap_model(raw_model, args, use_compile: bool):
+    """The model the loop calls: raw_model with each block's activations recomputed in the backward
+    (--activation_checkpointing), sharded by FSDP2 (--fsdp: fully_shard on every block, then on the rest, so
+    a block's weights are gathered only while it runs; parameters become DTensor row shards in place), then
+    compiled with static shapes (an eval batch smaller than the training batch must not recompile the
+    training graph with a symbolic batch size). Split the parameters after this call."""
+    raw_model.checkpoint_blocks = args.activation_checkpointing
+    if args.fsdp:
+        shard(raw_model)
+    return torch.compile(raw_model, dynamic=False) if use_compile else raw_model
+
+
+def shard(model):
+    from torch.distributed.fsdp import fully_shard
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
 
 
 def cleanup_distributed():
@@ -251,6 +282,28 @@ def check_resume(ckpt: dict, path: str, stage: str, args, total_steps: int):
     if ckpt["step"] > total_steps:
         die(f"{path} is at step {ckpt['step']}, past this run's {total_steps} steps; pass --max_steps above "
             f"{ckpt['step']} to train on")
+
+
+def gathered(state):
+    """A state dict (a model's or an optimizer's) with every FSDP shard (DTensor) gathered into a whole CPU
+    tensor, so a checkpoint has one format whatever wrote it. Collective under FSDP: call it on every rank."""
+    from torch.distributed.tensor import DTensor
+    if isinstance(state, dict):
+        return {k: gathered(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [gathered(v) for v in state]
+    return state.full_tensor().cpu() if isinstance(state, DTensor) else state
+
+
+def load_optimizer_state(optimizer, state_dict):
+    """optimizer.load_state_dict, then the whole state tensors of each FSDP-sharded parameter cut to its shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    optimizer.load_state_dict(state_dict)
+    for p, state in optimizer.state.items():
+        if isinstance(p, DTensor):
+            for k, v in state.items():
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    state[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
 
 
 def rng_state(device: torch.device) -> dict:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import model_fast
 
@@ -203,6 +204,7 @@ class GPT(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpoint_blocks = False  # training scripts: --activation_checkpointing
         self.init_weights()
 
     @torch.no_grad()
@@ -253,7 +255,11 @@ class GPT(nn.Module):
             # elementwise op on it (norms, adds, RoPE) and every saved activation moves half the bytes
             x = x.to(torch.get_autocast_dtype(x.device.type))
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, i, kv_cache)
+            if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
+                # activation checkpointing: keep only the block's input, recompute the rest in the backward
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, i, kv_cache, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, i, kv_cache)
         if kv_cache is not None:
             kv_cache.seq_len += T
         logits = self.lm_head(self.norm(x)).float()  # float32 even under autocast: softmax over V

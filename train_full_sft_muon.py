@@ -20,14 +20,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import (EXIT_INTERRUPTED, MetricsLogger, answer_accuracy, answer_questions, any_rank, catch_interrupts,
+from common import (gathered, load_optimizer_state, wrap_model, EXIT_INTERRUPTED, MetricsLogger, answer_accuracy, answer_questions, any_rank, catch_interrupts,
                     check_model_matches, check_resume, cleanup_distributed, die, load_checkpoint,
                     load_checkpoint_tokenizer, lock_out_dir, print0, resolve_chat_data, rng_state, save_checkpoint,
                     set_rng_state, setup_run, split_val, step_speed, stop_on_nan, total_steps_of, train_arg_parser)
 from data.loaders import SFTLoader, collate_sft, encode_sft
 from data.readers import DataError, read_sft_jsonl
 from model import GPT, ModelConfig, split_params, split_summary
-from muon import DistMuon, Muon, last_step_ms, step_optimizers
+from muon import DistMuon, FSDPMuon, Muon, last_step_ms, step_optimizers
 
 STAGE = "sft"
 
@@ -134,7 +134,7 @@ def main():
     # ---------------------------------------------------------------- model
     raw_model = GPT(config).to(device)
     raw_model.load_state_dict(ckpt["model"])
-    model = torch.compile(raw_model, dynamic=False) if use_compile else raw_model
+    model = wrap_model(raw_model, args, use_compile)  # checkpointing, FSDP2 and compile as the flags say
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters from {start_path}, {config}")
 
     # ---------------------------------------------------------------- the split and the two optimizers
@@ -146,19 +146,19 @@ def main():
     print0(split_summary(raw_model, muon_params, adamw_params))
     if args.optimizer == "adamw":
         muon_params, adamw_params = [], muon_params + adamw_params
-    muon_opt = (DistMuon if world_size > 1 else Muon)(
+    muon_opt = (FSDPMuon if args.fsdp else DistMuon if world_size > 1 else Muon)(
         muon_params, lr=args.lr_muon, momentum=args.momentum, weight_decay=args.weight_decay,
         ns_coefficients=args.ns_coefficients, normuon=args.normuon, beta2=args.normuon_beta2,
         cautious_wd=args.cautious_wd) if muon_params else None
     adamw_opt = torch.optim.AdamW([dict(params=[p for p in adamw_params if p.ndim >= 2], weight_decay=args.weight_decay),
                                    dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
-                                  lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+                                  lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda" and not args.fsdp)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")  # fp16 only: else a no-op
     step, skipped = 0, 0
     if args.resume:
         if muon_opt is not None:
             muon_opt.load_state_dict(ckpt["muon_opt"])
-        adamw_opt.load_state_dict(ckpt["adamw_opt"])
+        load_optimizer_state(adamw_opt, ckpt["adamw_opt"])
         train_loader.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"], device)
         if ckpt.get("scaler"):
@@ -169,12 +169,13 @@ def main():
     del ckpt
 
     def save(step, metrics):
-        # DistMuon.state_dict is collective: every rank gathers, rank 0 writes
+        # collective: DistMuon gathers its state, FSDP its shards, on every rank; rank 0 writes
         muon_state = muon_opt.state_dict() if muon_opt is not None else None
+        model_state, adamw_state = gathered(raw_model.state_dict()), gathered(adamw_opt.state_dict())
         if rank == 0:
             save_checkpoint(ckpt_path, {
-                "stage": STAGE, "step": step, "model": raw_model.state_dict(),
-                "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_opt.state_dict(),
+                "stage": STAGE, "step": step, "model": model_state,
+                "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_state,
                 "scaler": scaler.state_dict(), "skipped_steps": skipped,
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
                 "world_size": world_size, "init_from": args.init_from, "tokenizer_path": tok.name,
@@ -198,7 +199,9 @@ def main():
             if not math.isfinite(metrics["val_loss"]):
                 die(f"val loss is {metrics['val_loss']} at step {step}; stopping (the last checkpoint is intact)")
             if questions:
-                metrics["answer_acc"], _ = answer_accuracy(raw_model, tok, questions, device, ctx, rank, world_size)
+                # under FSDP every rank answers every question: generation's forwards are collective
+                metrics["answer_acc"], _ = answer_accuracy(raw_model, tok, questions, device, ctx,
+                                                           *((0, 1) if args.fsdp else (rank, world_size)))
             logger.log({"step": step, **metrics})
             if step > start_step:
                 save(step, metrics)

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, catch_interrupts, check_model_matches, check_resume,
+from common import (gathered, load_optimizer_state, wrap_model, EXIT_INTERRUPTED, MetricsLogger, any_rank, catch_interrupts, check_model_matches, check_resume,
                     cleanup_distributed, die, load_checkpoint, lock_out_dir, print0, rng_state, save_checkpoint,
                     set_rng_state, setup_run, step_speed, stop_on_nan, synchronized_time, total_steps_of,
                     train_arg_parser)
@@ -23,7 +23,7 @@ from data.prepare import prepare_source
 from data.readers import DataError
 from data.tokenizer import load_tokenizer
 from model import GPT, ModelConfig, split_params, split_summary
-from muon import DistMuon, Muon, last_step_ms, step_optimizers
+from muon import DistMuon, FSDPMuon, Muon, last_step_ms, step_optimizers
 
 STAGE = "pretrain"
 # 3.2M parameters on the embedded corpus: a CPU demo in minutes (a checkpoint from before norm_weights had them)
@@ -154,9 +154,7 @@ def main():
     if ckpt is not None or init is not None:
         raw_model.load_state_dict((ckpt or init)["model"])
     del init
-    # static shapes: an eval batch smaller than the training batch must not recompile the
-    # training graph with a symbolic batch size
-    model = torch.compile(raw_model, dynamic=False) if use_compile else raw_model
+    model = wrap_model(raw_model, args, use_compile)  # checkpointing, FSDP2 and compile as the flags say
     print0(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {config}")
 
     # ---------------------------------------------------------------- the split and the two optimizers
@@ -167,7 +165,7 @@ def main():
     print0(split_summary(raw_model, muon_params, adamw_params))
     if args.optimizer == "adamw":
         muon_params, adamw_params = [], muon_params + adamw_params
-    muon_opt = (DistMuon if world_size > 1 else Muon)(
+    muon_opt = (FSDPMuon if args.fsdp else DistMuon if world_size > 1 else Muon)(
         muon_params, lr=args.lr_muon, momentum=args.momentum, weight_decay=args.weight_decay,
         ns_coefficients=args.ns_coefficients, normuon=args.normuon, beta2=args.normuon_beta2,
         cautious_wd=args.cautious_wd) if muon_params else None
@@ -179,13 +177,13 @@ def main():
                                    dict(params=[p for p in adamw_params if p.ndim >= 2 and p is not embedding],
                                         weight_decay=args.weight_decay),
                                    dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
-                                  lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+                                  lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda" and not args.fsdp)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")  # fp16 only: else a no-op
     step, skipped = 0, 0
     if ckpt is not None:
         if muon_opt is not None:
             muon_opt.load_state_dict(ckpt["muon_opt"])
-        adamw_opt.load_state_dict(ckpt["adamw_opt"])
+        load_optimizer_state(adamw_opt, ckpt["adamw_opt"])
         train_loader.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"], device)
         if ckpt.get("scaler"):
@@ -195,12 +193,13 @@ def main():
     del ckpt
 
     def save(step, val_loss):
-        # DistMuon.state_dict is collective: every rank gathers, rank 0 writes
+        # collective: DistMuon gathers its state, FSDP its shards, on every rank; rank 0 writes
         muon_state = muon_opt.state_dict() if muon_opt is not None else None
+        model_state, adamw_state = gathered(raw_model.state_dict()), gathered(adamw_opt.state_dict())
         if rank == 0:
             save_checkpoint(ckpt_path, {
-                "stage": STAGE, "step": step, "model": raw_model.state_dict(),
-                "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_opt.state_dict(),
+                "stage": STAGE, "step": step, "model": model_state,
+                "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_state,
                 "scaler": scaler.state_dict(), "skipped_steps": skipped,
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
                 "world_size": world_size, "val_loss": val_loss, "init_from": args.init_from,
@@ -289,7 +288,7 @@ def main():
 
     print0(f"done: {total_steps} steps in {time.time() - t_start:.0f}s, val loss {val_loss:.4f}, "
            f"checkpoint {ckpt_path}")
-    if rank == 0 and args.sample_prompt:
+    if (rank == 0 or args.fsdp) and args.sample_prompt:  # under FSDP every forward is collective
         raw_model.eval()
         idx = torch.tensor([[tok.bos_id] + tok.encode(args.sample_prompt)], device=device)
         n = min(48, config.max_seq_len - idx.size(1))
