@@ -401,3 +401,22 @@ def test_fast_kernels_take_eps_as_a_compile_time_constant():
         pytest.fail("triton is missing: it ships with torch's CPU and CUDA wheels")
     for kernel in (model_fast._forward_kernel, model_fast._backward_kernel):
         assert "eps" in [p.name for p in kernel.params if p.is_constexpr], kernel.fn.__name__
+
+
+def test_activation_checkpointing_recomputes_each_block_in_the_backward_with_the_same_gradients():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1, max_seq_len=16))
+    x = torch.randint(0, 64, (2, 16))
+    calls, mlp_forward = [], model.layers[0].mlp.forward
+    model.layers[0].mlp.forward = lambda h: calls.append(1) or mlp_forward(h)
+    grads = {}
+    for on in (False, True):
+        model.checkpoint_blocks = on
+        calls.clear()
+        model.zero_grad()
+        model(x, x)[1].backward()
+        grads[on] = [p.grad.clone() for p in model.parameters()]
+        assert len(calls) == (2 if on else 1)  # checkpointed: once forward, once again in the backward
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -189,6 +189,51 @@ def test_muon_momentum_warms_up_and_cools_down_as_logged(data_dir, tmp_path):
     assert logged == [0.8, 0.84, 0.88, 0.92, 0.96, 0.96, 0.96, 0.92, 0.88, 0.84], logged
 
 
+def test_fsdp_at_two_processes_follows_the_one_process_run_with_every_muon_option(data_dir, tmp_path):
+    flags = ["--max_steps", "8", "--eval_interval", "8", "--lr_muon", "0.02", "--lr_adamw", "5e-4", *ALL_OPTIONS]
+    pretrain(data_dir, tmp_path / "one", *flags, "--batch_size", "8")
+    pretrain(data_dir, tmp_path / "fsdp", *flags, "--batch_size", "4", "--fsdp", nproc=2)
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "fsdp")
+    for step in range(1, 9):  # same data and math; the sums run in another order (bf16 Newton-Schulz amplifies it)
+        assert abs(a[step]["loss"] - b[step]["loss"]) < 2e-3 * a[step]["loss"], step
+        assert abs(a[step]["grad_norm"] - b[step]["grad_norm"]) < 2e-2 * a[step]["grad_norm"], step
+    assert abs(a[8]["val_loss"] - b[8]["val_loss"]) < 5e-3 * a[8]["val_loss"]
+    # the checkpoint has the one format: whole tensors, the optimizers' state in Muon's and AdamW's own form
+    one, fsdp = (torch.load(tmp_path / d / "pretrain.pt", weights_only=True) for d in ("one", "fsdp"))
+    assert one["model"].keys() == fsdp["model"].keys()
+    for k in one["model"]:
+        assert type(fsdp["model"][k]) is torch.Tensor and fsdp["model"][k].shape == one["model"][k].shape, k
+    for opt in ("muon_opt", "adamw_opt"):
+        for i, state in one[opt]["state"].items():
+            for k, v in state.items():
+                assert type(fsdp[opt]["state"][i][k]) is torch.Tensor and fsdp[opt]["state"][i][k].shape == v.shape
+
+
+def test_a_run_moves_between_fsdp_distmuon_and_one_process_on_resume(data_dir, tmp_path):
+    pretrain(data_dir, tmp_path, "--max_steps", "4", "--eval_interval", "4", "--batch_size", "4", "--fsdp", nproc=2)
+    pretrain(data_dir, tmp_path, "--max_steps", "8", "--eval_interval", "4", "--batch_size", "8", "--resume")
+    pretrain(data_dir, tmp_path, "--max_steps", "12", "--eval_interval", "4", "--batch_size", "4", "--resume", nproc=2)
+    r = pretrain(data_dir, tmp_path, "--max_steps", "16", "--eval_interval", "4", "--batch_size", "4", "--fsdp",
+                 "--resume", nproc=2)
+    assert "saved by 2 process" in r.stdout
+    rows = metrics(tmp_path)
+    assert rows[16]["val_loss"] < rows[8]["val_loss"] < rows[0]["val_loss"]
+
+
+def test_activation_checkpointing_computes_the_same_run(data_dir, tmp_path):
+    flags = ["--max_steps", "3", "--eval_interval", "3"]
+    pretrain(data_dir, tmp_path / "plain", *flags)
+    pretrain(data_dir, tmp_path / "ac", *flags, "--activation_checkpointing")
+    a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "ac")
+    for step in (1, 2, 3):
+        assert a[step]["loss"] == b[step]["loss"] and a[step]["grad_norm"] == b[step]["grad_norm"], step
+
+
+def test_fsdp_without_torchrun_says_how_to_run_it(data_dir, tmp_path):
+    r = pretrain(data_dir, tmp_path, "--max_steps", "2", "--fsdp", check=False)
+    assert r.returncode != 0 and "torchrun --nproc_per_node" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_resume_on_a_different_number_of_processes_continues_training(data_dir, tmp_path):
     pretrain(data_dir, tmp_path, "--max_steps", "6", "--eval_interval", "6", "--batch_size", "8")
     before = metrics(tmp_path)[6]["val_loss"]
