@@ -182,6 +182,9 @@ def main():
                 "tokenizer_fingerprint": tok.fingerprint, **metrics})
 
     # ---------------------------------------------------------------- loop
+    # evaluation deals batches and questions to ranks (rank, world_size); under FSDP every forward is
+    # collective, so every rank evaluates everything
+    eval_ranks = (0, 1) if args.fsdp else (rank, world_size)
     interrupted = catch_interrupts()  # Ctrl-C or SIGTERM: save at the next logged step, exit
     logger = MetricsLogger(args, STAGE, rank, resume=args.resume, steps=(step, total_steps))
     flops_per_token = raw_model.flops_per_token()
@@ -195,13 +198,11 @@ def main():
     while True:
         last = step >= total_steps
         if step % args.eval_interval == 0 or last:
-            metrics = {"val_loss": evaluate(model, val_encoded, args, rank, world_size, device, ctx, tok.pad_id)}
+            metrics = {"val_loss": evaluate(model, val_encoded, args, *eval_ranks, device, ctx, tok.pad_id)}
             if not math.isfinite(metrics["val_loss"]):
                 die(f"val loss is {metrics['val_loss']} at step {step}; stopping (the last checkpoint is intact)")
             if questions:
-                # under FSDP every rank answers every question: generation's forwards are collective
-                metrics["answer_acc"], _ = answer_accuracy(raw_model, tok, questions, device, ctx,
-                                                           *((0, 1) if args.fsdp else (rank, world_size)))
+                metrics["answer_acc"], _ = answer_accuracy(raw_model, tok, questions, device, ctx, *eval_ranks)
             logger.log({"step": step, **metrics})
             if step > start_step:
                 save(step, metrics)

@@ -226,3 +226,19 @@ def test_two_process_gloo_run_trains_and_writes_a_checkpoint(stage, data_dir, in
     assert ckpt["muon_opt"]["state"], "DistMuon's gathered state is saved"
     rows = metrics(tmp_path, stage)
     assert "answer_acc" in rows[3] and math.isfinite(rows[3]["val_loss"]), r.stdout[-2000:]
+
+
+@pytest.mark.parametrize("stage", SCRIPTS)
+def test_fsdp_run_evaluates_like_the_one_process_run(stage, data_dir, init_ckpts, tmp_path):
+    # the evaluations (val loss, answers, preferences) deal their batches to ranks; under FSDP every forward is
+    # collective, so every rank evaluates all of them, and the figures are the one-process run's
+    flags = ["--max_steps", "2", "--eval_interval", "2", "--lr_muon", "0.002", "--lr_adamw", "1e-5"]
+    run(stage, data_dir, tmp_path / "one", init_ckpts[stage], *flags, "--batch_size", "4")
+    run(stage, data_dir, tmp_path / "fsdp", init_ckpts[stage], *flags, "--batch_size", "2", "--fsdp", nproc=2)
+    a, b = metrics(tmp_path / "one", stage), metrics(tmp_path / "fsdp", stage)
+    # step 0: the same weights, so the same figures; step 2: two steps of rounding apart (bf16 Newton-Schulz)
+    for step, rel in ((0, 1e-5), (2, 1e-2)):
+        assert a[step]["answer_acc"] == b[step]["answer_acc"], step
+        for key in ("val_loss", "pref_acc"):
+            if key in a[step]:
+                assert a[step][key] == pytest.approx(b[step][key], rel=rel), (step, key)
