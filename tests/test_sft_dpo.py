@@ -231,14 +231,13 @@ def test_two_process_gloo_run_trains_and_writes_a_checkpoint(stage, data_dir, in
 @pytest.mark.parametrize("stage", SCRIPTS)
 def test_fsdp_run_evaluates_like_the_one_process_run(stage, data_dir, init_ckpts, tmp_path):
     # the evaluations (val loss, answers, preferences) deal their batches to ranks; under FSDP every forward is
-    # collective, so every rank evaluates all of them, and the figures are the one-process run's
-    flags = ["--max_steps", "2", "--eval_interval", "2", "--lr_muon", "0.002", "--lr_adamw", "1e-5"]
-    run(stage, data_dir, tmp_path / "one", init_ckpts[stage], *flags, "--batch_size", "4")
-    run(stage, data_dir, tmp_path / "fsdp", init_ckpts[stage], *flags, "--batch_size", "2", "--fsdp", nproc=2)
-    a, b = metrics(tmp_path / "one", stage), metrics(tmp_path / "fsdp", stage)
-    # step 0: the same weights, so the same figures; step 2: two steps of rounding apart (bf16 Newton-Schulz)
-    for step, rel in ((0, 1e-5), (2, 1e-2)):
-        assert a[step]["answer_acc"] == b[step]["answer_acc"], step
-        for key in ("val_loss", "pref_acc"):
-            if key in a[step]:
-                assert a[step][key] == pytest.approx(b[step][key], rel=rel), (step, key)
+    # collective, so every rank evaluates all of them: at step 0 (the same weights) the one-process figures
+    flags = ["--max_steps", "2", "--eval_interval", "2", "--batch_size", "2"]
+    run(stage, data_dir, tmp_path / "one", init_ckpts[stage], *flags)
+    run(stage, data_dir, tmp_path / "fsdp", init_ckpts[stage], *flags, "--fsdp", nproc=2)
+    a, b = metrics(tmp_path / "one", stage)[0], metrics(tmp_path / "fsdp", stage)[0]
+    assert a["answer_acc"] == b["answer_acc"]
+    for key in ("val_loss", "pref_acc", "val_reward_acc"):
+        if key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    assert torch.load(tmp_path / "fsdp" / f"{stage}.pt", weights_only=True)["step"] == 2
