@@ -73,7 +73,8 @@ def newton_schulz_coefficients(name: str, steps: int) -> tuple:
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, coefficients: str = "quintic") -> Tensor:
-    """Orthogonalise each matrix of G (..., rows, cols): `steps` Newton-Schulz iterations in bf16.
+    """Orthogonalise each matrix of G (..., rows, cols): `steps` Newton-Schulz iterations in bf16 (float32 on
+    a CPU, see ns_dtype).
 
     Dividing by the Frobenius norm puts every singular value in (0, 1], where the polynomials are fitted
     (Polar Express divides by 2% more: bf16 rounding can push the top one past 1). Each iteration
@@ -85,7 +86,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, coefficients: str = "
     coefficients = newton_schulz_coefficients(coefficients, steps)
     margin = 1.02 if coefficients[0] == POLAR_EXPRESS[0] else 1.0
     # normalised in G's own layout: compiled, the norm of a transposed view reads across rows and is slow
-    X = G.bfloat16()
+    X = G.to(ns_dtype(G.device))
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)
     tall = G.size(-2) > G.size(-1)
     X = X.mT if tall else X
@@ -96,6 +97,12 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, coefficients: str = "
             A = X @ X.mT
             X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
+
+
+def ns_dtype(device) -> torch.dtype:
+    """Newton-Schulz's precision: bf16 on a GPU (tensor cores; singular values ~1 need no more), float32 on a
+    CPU, where bf16 matrix products are emulated on most chips and run several times slower than float32."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
 def momentum_update(G: Tensor, M: Tensor, momentum, nesterov: bool) -> Tensor:
@@ -111,15 +118,14 @@ def normuon(O: Tensor, V: Tensor, beta2) -> Tensor:
     mean V of their squared entries (one number per row or column, in place) and divide by its square root;
     then restore O's Frobenius norm, so lr and adjust_lr mean what they mean without normuon (the paper
     fixes the RMS at 0.2 instead, as match_rms_adamw does)."""
-    O = O.float()
     dim = -1 if O.size(-2) >= O.size(-1) else -2
-    sq = O.square().mean(dim=dim, keepdim=True)  # the only pass over O before the update itself
+    sq = O.float().square().mean(dim=dim, keepdim=True)  # the only pass over O before the update itself
     V.lerp_(sq, 1 - beta2)
     inv = V.clamp_min(1e-10).rsqrt()
     # ||O||^2 and ||O * inv||^2 are sums of the row (column) means sq, times the row length, which cancels
     # in their ratio: the two norms cost no pass over O
     ratio = sq.sum(dim=(-2, -1), keepdim=True) / (sq * inv.square()).sum(dim=(-2, -1), keepdim=True).clamp_min(1e-20)
-    return (O * (inv * ratio.sqrt())).bfloat16()
+    return (O.float() * (inv * ratio.sqrt())).to(O.dtype)
 
 
 def weight_update(W: Tensor, O: Tensor, lr, weight_decay, scale: float, cautious_wd: bool) -> None:
@@ -146,7 +152,7 @@ def update_scale(shape, adjust_lr: str) -> float:
 
 def orthogonalised_update(G: Tensor, M: Tensor, V: Tensor | None, hp: dict, group: dict) -> Tensor:
     """Momentum, Nesterov, Newton-Schulz (and NorMuon) for a stack G [n, rows, cols] of gradients;
-    M (momentum) and V (NorMuon's second moments, or None) are stacks updated in place. Returns bf16 O."""
+    M (momentum) and V (NorMuon's second moments, or None) are stacks updated in place. Returns O (ns_dtype)."""
     U = momentum_update(G * hp["grad_scale"], M, hp["momentum"], group["nesterov"])
     O = zeropower_via_newtonschulz5(U, group["ns_steps"], group["ns_coefficients"])
     return normuon(O, V, hp["beta2"]) if V is not None else O
@@ -311,7 +317,7 @@ class DistMuon(Muon):
     rank r owns slice r. A step:
 
       1. reduce_grads: an async reduce-scatter (average) of every group's stacked gradients;
-      2. per group: the owner turns its slice into bf16 updates (orthogonalised_update) and launches an
+      2. per group: the owner turns its slice into updates (orthogonalised_update) and launches an
          async all-gather, so one group's compute overlaps the other groups' collectives;
       3. per group: every rank applies all updates to its replica (identical math keeps replicas identical).
 
@@ -379,7 +385,7 @@ class DistMuon(Muon):
         gathers = []
         for (group, params, per_rank, owned), (work, grads) in zip(self._groups(), pending):
             work.wait()  # 2. the owner turns its averaged slice into updates, then shares them
-            update = grads.new_zeros(grads.shape, dtype=torch.bfloat16)
+            update = grads.new_zeros(grads.shape, dtype=ns_dtype(grads.device))
             hp = hyperparameters(group, grad_scale)
             if owned:
                 M, V = state_stacks(self.state, owned, group)
@@ -471,7 +477,7 @@ class FSDPMuon(DistMuon):
             hp = hyperparameters(group, grad_scale)
             # recv[k * per_rank + j]: rank k's chunk of my j-th matrix; whole matrix j: its chunks in rank order
             whole = recv.view(W, per_rank, *recv.shape[1:]).transpose(0, 1).reshape(per_rank, W * chunk, *shape[1:])
-            update = whole.new_zeros(whole.shape, dtype=torch.bfloat16)
+            update = whole.new_zeros(whole.shape, dtype=ns_dtype(whole.device))
             if owned:
                 M, V = state_stacks(self.state, owned, group)
                 run = compiled(orthogonalised_update, self.compile, whole.is_cuda)
