@@ -182,77 +182,87 @@ def main():
             runs.update(doc["runs"])
             metas.append(doc["meta"])
         meta = {**metas[0], "merged": ", ".join(f"{m['date']} {m['device']}" for m in metas),
-                "command": " ".join(["python"] + sys.argv)}
-        bytes_per_token, parallel = metas[0]["bytes_per_token"], any(m.get("parallel") for m in metas)
-    else:
-        variants = {"ours": ""}
-        for v in args.variant:
-            label, _, flags = v.partition("=")
-            variants[label] = flags
-        labels = args.runs.split(",")
-        unknown = [label for label in labels if label != "nanochat" and label not in variants]
-        if unknown:
-            ap.error(f"no --variant for {unknown}")
-        tok = load_tokenizer(os.path.join(args.data_path, "tokenizer.json"))
-        bytes_per_token = eval_bytes_per_token(os.path.join(args.data_path, "val.bin"), tok.token_bytes(),
-                                               args.batch_size, args.seq_len, args.eval_iters)
-        runs, started = {}, []
-        for label in labels:
-            run_dir = os.path.join(os.path.abspath(args.work_dir), label)
-            os.makedirs(run_dir, exist_ok=True)
-            for stale in ("nanochat_ttl.json", "pretrain_metrics.jsonl", "pretrain.pt"):
-                if os.path.exists(os.path.join(run_dir, stale)):
-                    os.remove(os.path.join(run_dir, stale))
-            cmd = (nanochat_command(args) if label == "nanochat" else ours_command(args, variants[label], run_dir))
-            print(f"[{label}] {' '.join(cmd)}", flush=True)
-            t0 = time.time()
-            proc, thread = run_command(label, cmd, os.path.join(run_dir, "train.log"), {"OUT": run_dir})
-            started.append((label, run_dir, proc, thread, t0))
-            if not args.parallel:
-                proc.wait()
-                thread.join()
-                print(f"[{label}] exit {proc.returncode} after {time.time() - t0:.0f}s", flush=True)
-        for label, run_dir, proc, thread, t0 in started:
-            proc.wait()
-            thread.join()
-            run = read_run(label, run_dir)
-            if proc.returncode != 0 or run is None:
-                print(f"[{label}] failed (exit {proc.returncode}); log: {run_dir}/train.log", flush=True)
-                continue
-            runs[label] = {**run, "flags": variants.get(label)}
-            ckpt = os.path.join(run_dir, "pretrain.pt")
-            if os.path.exists(ckpt):
-                os.remove(ckpt)
-        with open(os.path.join(args.data_path, "meta.json")) as f:
-            data_meta = json.load(f)
-        tokens_per_step = args.batch_size * args.seq_len * args.accumulation_steps
-        meta = {"device": get_device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                "command": " ".join(["python"] + sys.argv),
-                "data": f"{args.data_path}: {data_meta['train_tokens']:,} train / {data_meta['val_tokens']:,} val "
-                        f"tokens, vocab {data_meta['vocab_size']}",
-                "model": f"d{args.depth}: {' '.join(shape_flags(args.depth))} --max_seq_len {args.seq_len}",
-                "batch": f"{tokens_per_step:,} tokens per step ({args.batch_size} x {args.seq_len} x "
-                         f"{args.accumulation_steps}), {args.steps} steps = {args.steps * tokens_per_step / 1e6:.1f}M "
-                         f"tokens, seed {args.seed}",
-                "eval": f"every {args.eval_interval} steps, {args.eval_iters} batches of the val file's first windows",
-                "bytes_per_token": bytes_per_token, "parallel": args.parallel,
-                "flags": {label: run.get("flags") for label, run in runs.items()}}
+                "command": " ".join(["python"] + sys.argv), "parallel": any(m.get("parallel") for m in metas)}
+        report(args, meta, runs)
+        return
+    variants = {"ours": ""}
+    for v in args.variant:
+        label, _, flags = v.partition("=")
+        variants[label] = flags
+    labels = args.runs.split(",")
+    unknown = [label for label in labels if label != "nanochat" and label not in variants]
+    if unknown:
+        ap.error(f"no --variant for {unknown}")
+    tok = load_tokenizer(os.path.join(args.data_path, "tokenizer.json"))
+    with open(os.path.join(args.data_path, "meta.json")) as f:
+        data_meta = json.load(f)
+    tokens_per_step = args.batch_size * args.seq_len * args.accumulation_steps
+    meta = {"device": get_device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
+            "data": f"{args.data_path}: {data_meta['train_tokens']:,} train / {data_meta['val_tokens']:,} val "
+                    f"tokens, vocab {data_meta['vocab_size']}",
+            "model": f"d{args.depth}: {' '.join(shape_flags(args.depth))} --max_seq_len {args.seq_len}",
+            "batch": f"{tokens_per_step:,} tokens per step ({args.batch_size} x {args.seq_len} x "
+                     f"{args.accumulation_steps}), {args.steps} steps = {args.steps * tokens_per_step / 1e6:.1f}M "
+                     f"tokens, seed {args.seed}",
+            "eval": f"every {args.eval_interval} steps, {args.eval_iters} batches of the val file's first windows",
+            "bytes_per_token": eval_bytes_per_token(os.path.join(args.data_path, "val.bin"), tok.token_bytes(),
+                                                    args.batch_size, args.seq_len, args.eval_iters),
+            "parallel": args.parallel, "flags": {label: variants.get(label) for label in labels}}
+    runs, started = {}, []
+    for label in labels:
+        run_dir = os.path.join(os.path.abspath(args.work_dir), label)
+        os.makedirs(run_dir, exist_ok=True)
+        for stale in ("nanochat_ttl.json", "pretrain_metrics.jsonl", "pretrain.pt"):
+            if os.path.exists(os.path.join(run_dir, stale)):
+                os.remove(os.path.join(run_dir, stale))
+        cmd = nanochat_command(args) if label == "nanochat" else ours_command(args, variants[label], run_dir)
+        print(f"[{label}] {' '.join(cmd)}", flush=True)
+        proc, thread = run_command(label, cmd, os.path.join(run_dir, "train.log"), {"OUT": run_dir})
+        started.append((label, run_dir, proc, thread, time.time()))
+        if not args.parallel:  # one after another: the table so far after each run
+            finish(started[-1], variants, runs)
+            report(args, meta, runs)
+    if args.parallel:
+        for run in started:
+            finish(run, variants, runs)
+        report(args, meta, runs)
+
+
+def finish(started, variants, runs):
+    """Wait for a started run and add its curve to runs (a failed run is reported and left out)."""
+    label, run_dir, proc, thread, t0 = started
+    proc.wait()
+    thread.join()
+    print(f"[{label}] exit {proc.returncode} after {time.time() - t0:.0f}s", flush=True)
+    run = read_run(label, run_dir)
+    if proc.returncode != 0 or run is None:
+        print(f"[{label}] failed; log: {run_dir}/train.log", flush=True)
+        return
+    runs[label] = {**run, "flags": variants.get(label)}
+    ckpt = os.path.join(run_dir, "pretrain.pt")
+    if os.path.exists(ckpt):
+        os.remove(ckpt)
+
+
+def report(args, meta, runs):
+    """The table, the json (with every curve) and the plot of the runs so far."""
     if not runs:
-        sys.exit("no run finished")
-    target = runs["nanochat"]["curve"][-1]["val_loss"] if "nanochat" in runs else next(iter(runs.values()))["curve"][-1]["val_loss"]
-    meta["target"] = f"val loss {target} ({'nanochat' if 'nanochat' in runs else 'the first run'}'s final)"
-    meta["columns"] = ("train_s: seconds inside training steps, torch.compile included, evaluations left out; "
-                       "time_ratio / token_ratio: a run's time / tokens to the target over nanochat's whole run")
-    if meta.get("parallel"):
-        meta["columns"] += "; all runs at once on one GPU, so no time is comparable (left out)"
-    write_table(args.out_dir, args.name, meta, summarise(runs, target, meta["bytes_per_token"], meta.get("parallel")))
+        return
+    first = "nanochat" if "nanochat" in runs else next(iter(runs))
+    target = runs[first]["curve"][-1]["val_loss"]
+    meta = {**meta, "target": f"val loss {target} ({first}'s final)",
+            "columns": "train_s: seconds inside training steps, torch.compile included, evaluations left out; "
+                       "time_ratio / token_ratio: a run's time / tokens to the target over nanochat's whole run"
+                       + ("; all runs at once on one GPU, so no time is comparable (left out)" if meta["parallel"]
+                          else "")}
+    write_table(args.out_dir, args.name, meta, summarise(runs, target, meta["bytes_per_token"], meta["parallel"]))
     with open(os.path.join(args.out_dir, args.name + ".json")) as f:
         doc = json.load(f)
     doc["runs"] = runs
     with open(os.path.join(args.out_dir, args.name + ".json"), "w") as f:
         json.dump(doc, f, indent=1)
-    plot(os.path.join(args.out_dir, args.name + ".png"), runs, target, meta["bytes_per_token"], meta.get("parallel"))
+    plot(os.path.join(args.out_dir, args.name + ".png"), runs, target, meta["bytes_per_token"], meta["parallel"])
 
 
 if __name__ == "__main__":
