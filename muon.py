@@ -446,12 +446,9 @@ class FSDPMuon(DistMuon):
     Chunks are zero padded to ceil(rows / W) rows, so every message has one size. State is DistMuon's:
     whole momentum buffers of the owned matrices, gathered into Muon's format by state_dict()."""
 
-    def reduce_grads(self):
-        """Nothing to launch: FSDP averaged the gradients in the backward."""
-
-    @torch.no_grad()
-    def grad_sq_sum(self) -> Tensor:
-        return grad_sq_sum(p for group in self.param_groups for p in group["params"])
+    # FSDP averaged the gradients into their shards in the backward: nothing to launch, and the global
+    # norm is Muon's own sum of squares (grad_sq_sum adds the shards over ranks)
+    reduce_grads, grad_sq_sum = Muon.reduce_grads, Muon.grad_sq_sum
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: float | Tensor = 1.0):
