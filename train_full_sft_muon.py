@@ -75,20 +75,23 @@ def sft_batches(encoded, batch_size, max_batches, rank, world_size, pad_id):
 
 
 @torch.no_grad()
-def evaluate(model, val_encoded, args, rank, world_size, device, ctx, pad_id):
-    """Masked loss over the val examples, weighted by trained tokens, summed over ranks."""
+def evaluate(model, val_encoded, args, rank, world_size, device, ctx, pad_id, token_bytes):
+    """Masked loss over the val examples, weighted by trained tokens, summed over ranks: in nats per token
+    and in bits per byte of the assistant text (token_bytes: each token id's length in bytes)."""
     model.eval()
-    totals = torch.zeros(2, device=device)  # loss * tokens, tokens
+    totals = torch.zeros(3, device=device)  # loss * tokens, tokens, bytes
     for x, y, mask in sft_batches(val_encoded, args.batch_size, args.eval_iters, rank, world_size, pad_id):
         x, y, mask = x.to(device), y.to(device), mask.to(device)
         with ctx:
             _, loss = model(x, y, loss_mask=mask)
-        n = ((y != -1) & (mask == 1)).sum()
-        totals += torch.stack([loss.float() * n, n.float()])
+        trained = (y != -1) & (mask == 1)
+        n = trained.sum()
+        totals += torch.stack([loss.float() * n, n.float(), (token_bytes[y.clamp(min=0)] * trained).sum().float()])
     model.train()
     if world_size > 1:
         dist.all_reduce(totals)
-    return (totals[0] / totals[1].clamp(min=1)).item()
+    nats, tokens, n_bytes = totals.tolist()
+    return {"val_loss": nats / max(tokens, 1), "val_bpb": nats / math.log(2) / max(n_bytes, 1)}
 
 
 def main():
@@ -165,7 +168,7 @@ def main():
             scaler.load_state_dict(ckpt["scaler"])
         step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
         print0(f"resumed {ckpt_path} at step {step} (saved by {ckpt['world_size']} process(es))")
-    metrics = {k: ckpt[k] for k in ("val_loss", "answer_acc") if args.resume and k in ckpt}
+    metrics = {k: ckpt[k] for k in ("val_loss", "val_bpb", "answer_acc") if args.resume and k in ckpt}
     del ckpt
 
     def save(step, metrics):
@@ -185,6 +188,7 @@ def main():
     # evaluation deals batches and questions to ranks (rank, world_size); under FSDP every forward is
     # collective, so every rank evaluates everything
     eval_ranks = (0, 1) if args.fsdp else (rank, world_size)
+    token_bytes = torch.as_tensor(tok.token_bytes(), device=device)
     interrupted = catch_interrupts()  # Ctrl-C or SIGTERM: save at the next logged step, exit
     logger = MetricsLogger(args, STAGE, rank, resume=args.resume, steps=(step, total_steps))
     flops_per_token = raw_model.flops_per_token()
@@ -198,7 +202,7 @@ def main():
     while True:
         last = step >= total_steps
         if step % args.eval_interval == 0 or last:
-            metrics = {"val_loss": evaluate(model, val_encoded, args, *eval_ranks, device, ctx, tok.pad_id)}
+            metrics = evaluate(model, val_encoded, args, *eval_ranks, device, ctx, tok.pad_id, token_bytes)
             if not math.isfinite(metrics["val_loss"]):
                 die(f"val loss is {metrics['val_loss']} at step {step}; stopping (the last checkpoint is intact)")
             if questions:

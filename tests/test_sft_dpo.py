@@ -241,3 +241,12 @@ def test_fsdp_run_evaluates_like_the_one_process_run(stage, data_dir, init_ckpts
         if key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
     assert torch.load(tmp_path / "fsdp" / f"{stage}.pt", weights_only=True)["step"] == 2
+
+
+def test_sft_logs_val_bits_per_byte_of_the_assistant_text(data_dir, init_ckpts, tmp_path):
+    run("sft", data_dir, tmp_path, init_ckpts["sft"], "--max_steps", "4", "--eval_interval", "2")
+    rows = metrics(tmp_path, "sft")
+    # nats per token over bits per byte is ln 2 times the val set's bytes per assistant token: one constant
+    ratios = [rows[s]["val_loss"] / rows[s]["val_bpb"] / math.log(2) for s in (0, 2, 4)]
+    assert 1 < ratios[0] < 10 and max(ratios) - min(ratios) < 1e-4 * ratios[0], ratios
+    assert rows[4]["val_bpb"] < rows[0]["val_bpb"]
