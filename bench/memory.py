@@ -90,6 +90,12 @@ def main():
               "--max_seq_len", str(args.max_seq_len), "--max_steps", str(args.steps),
               "--log_interval", str(args.log_interval), "--eval_interval", str(args.steps), "--eval_iters", "1",
               "--save_interval", "0", "--sample_prompt", "", *args.extra.split()]
+    # On paper: memory per GPU = a * params / gpus (what FSDP shards) + b * params (what every rank keeps whole)
+    # + activations; the measured bytes per parameter at the largest set stand for all of it.
+    meta = {"device": f"{visible} x {get_device_name(torch.device('cuda'))}" if visible else "cpu",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
+            "batch": f"{args.batch_size} x {args.max_seq_len} tokens per micro-step per GPU, {args.steps} steps",
+            "peak_mem_GB": "torch.cuda.max_memory_allocated of rank 0, GiB; bytes_per_param = that / parameters"}
     rows = []
     for spec in args.sets.split(","):
         n = num_params(spec, vocab_size)
@@ -106,13 +112,7 @@ def main():
                                peak_mem_GB=s["peak_mem_GB"], bytes_per_param=round(s["peak_mem_GB"] * 2**30 / n, 1))
                 print(f"{spec} x{gpus} {path}: {time.time() - t0:.0f}s {row}", flush=True)
                 rows.append(row)
-    # On paper: memory per GPU = a * params / gpus (what FSDP shards) + b * params (what every rank keeps whole)
-    # + activations; the measured bytes per parameter at the largest set stand for all of it.
-    meta = {"device": f"{visible} x {get_device_name(torch.device('cuda'))}" if visible else "cpu",
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
-            "batch": f"{args.batch_size} x {args.max_seq_len} tokens per micro-step per GPU, {args.steps} steps",
-            "peak_mem_GB": "torch.cuda.max_memory_allocated of rank 0, GiB; bytes_per_param = that / parameters"}
-    write_table(args.out_dir, args.name, meta, rows)
+                write_table(args.out_dir, args.name, meta, rows)  # the table so far after each run
 
 
 if __name__ == "__main__":
