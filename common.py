@@ -476,7 +476,7 @@ def resolve_chat_data(kind: str, data_path: str | None, rank: int, world_size: i
     <kind>_train.jsonl and <kind>_val.jsonl (as data/prepare.py writes them). A .jsonl file:
     that file alone; the caller then splits a validation set off it (split_val) or reads --val_path.
     """
-    from data.prepare import ensure_prepared
+    from data.cache import ensure_prepared
 
     if data_path is None:
         if rank == 0:

@@ -19,7 +19,7 @@ from common import (gathered, load_optimizer_state, wrap_model, EXIT_INTERRUPTED
                     set_rng_state, setup_run, step_speed, stop_on_nan, synchronized_time, total_steps_of,
                     train_arg_parser)
 from data.loaders import TokenWindowLoader, eval_batches, eval_bytes_per_token
-from data.prepare import prepare_source
+from data.cache import prepare_source
 from data.readers import DataError
 from data.tokenizer import load_tokenizer
 from model import GPT, ModelConfig, split_params, split_summary

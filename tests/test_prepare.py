@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import run_main
-from data import prepare
+from data import cache, prepare
 from data.corpus import build_corpus
 from data.readers import DataError, read_dpo_jsonl, read_sft_jsonl
 from data.tokenizer import load_tokenizer
@@ -64,10 +64,10 @@ def test_prepared_chat_files_read_back_with_the_readers(tiny_prepared):
 
 def test_ensure_prepared_prepares_only_when_meta_is_missing(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "emb")
-    prepare.ensure_prepared(out, vocab_size=300, quiet=True, **TINY)
+    cache.ensure_prepared(out, vocab_size=300, quiet=True, **TINY)
     assert "preparing the embedded default data in" in capsys.readouterr().out
     monkeypatch.setattr(prepare, "prepare_default", lambda *a, **k: pytest.fail("prepared twice"))
-    assert prepare.ensure_prepared(out) == out
+    assert cache.ensure_prepared(out) == out
 
 
 def test_ensure_prepared_regenerates_a_corpus_made_by_other_corpus_code(tmp_path, monkeypatch, capsys):
@@ -75,14 +75,14 @@ def test_ensure_prepared_regenerates_a_corpus_made_by_other_corpus_code(tmp_path
     prepare.prepare_default(out, vocab_size=300, quiet=True, **TINY)
     meta_path = os.path.join(out, "meta.json")
     meta = json.load(open(meta_path))
-    assert meta["source"]["corpus_fingerprint"] == prepare.corpus_fingerprint()
+    assert meta["source"]["corpus_fingerprint"] == cache.corpus_fingerprint()
     meta["source"]["corpus_fingerprint"] = "0123456789abcdef"  # as if data/corpus.py changed since
     with open(meta_path, "w") as f:
         json.dump(meta, f)
-    prepare.ensure_prepared(out, quiet=True)
+    cache.ensure_prepared(out, quiet=True)
     assert "regenerating" in capsys.readouterr().out
     again = json.load(open(meta_path))
-    assert again["source"] == {**meta["source"], "corpus_fingerprint": prepare.corpus_fingerprint()}
+    assert again["source"] == {**meta["source"], "corpus_fingerprint": cache.corpus_fingerprint()}
     assert again["vocab_size"] == meta["vocab_size"]  # made again with the same arguments
 
 
