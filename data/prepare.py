@@ -35,6 +35,7 @@ DEFAULT_TOKENIZER_MAX_CHARS = 200_000_000
 ENCODE_CHUNK = 1024  # documents per tiktoken batch call
 COPY_CHUNK = 1 << 24  # tokens per read when splitting the token stream into train and val
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens
+SEED_MAX = 2**64 - 1  # a 64-bit seed, the most torch.manual_seed takes; more is surely a typo
 
 # Validation split of real pretraining text. 10% (what nanoGPT holds out of Tiny Shakespeare)
 # makes a small corpus's val loss measurable; a floor of 32,768 tokens (128 windows of the
@@ -370,7 +371,7 @@ def main(argv=None) -> None:
                    help=f"tokenizer size to train, special tokens included (at least {MIN_VOCAB_SIZE})")
     p.add_argument("--tokenizer", default=None,
                    help="use this tokenizer.json or tiktoken name (gpt2) instead of training one")
-    p.add_argument("--seed", type=bounded(int, 0), default=1337)
+    p.add_argument("--seed", type=bounded(int, 0, SEED_MAX), default=1337)
     real = p.add_argument_group("real data (leave out for the embedded default corpus)")
     real.add_argument("--pretrain_path", default=None, help=".txt/.jsonl/.parquet file or a directory of them")
     real.add_argument("--sft_path", default=None, help="SFT jsonl (conversations/messages)")
