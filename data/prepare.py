@@ -10,13 +10,17 @@ directory by one rename, an existing one file by file with meta.json last, so it
 """
 import argparse
 import contextlib
+import errno
 import inspect
 import json
 import math
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 
 if __name__ == "__main__" and not __package__:  # `python data/prepare.py` from anywhere
@@ -58,23 +62,135 @@ def _say(quiet: bool, msg: str) -> None:
         print(msg, flush=True)
 
 
+class Interrupted(DataError):
+    """SIGINT, SIGTERM or SIGHUP while preparing. A DataError, so each script stops with its one
+    line; data/prepare.py exits with 128 + the signal's number, as a shell reports a killed process."""
+
+    def __init__(self, signum: int, out_dir: str | None = None, complete: bool = False):
+        name = signal.Signals(signum).name
+        if out_dir is None:
+            msg = f"{name}: stopped before anything was written"
+        elif complete:
+            msg = f"{name} while preparing {out_dir}: stopped once it was complete"
+        else:
+            msg = f"{name} while preparing {out_dir}: stopped; its staging folder is removed and {out_dir} is as it was"
+        super().__init__(msg)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Handlers that stop the process, which preparing replaces with its own. One that a training loop
+# installed (save at the next logged step) is left alone.
+DEFAULT_HANDLERS = (signal.SIG_DFL, signal.default_int_handler, _raise_interrupted)
+
+
 @contextlib.contextmanager
-def _staged(out_dir: str):
+def _stop_signals_call(handler):
+    """Inside, SIGINT, SIGTERM and SIGHUP call handler where they would otherwise stop the process
+    (set only in the main thread: no other may set handlers)."""
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) in DEFAULT_HANDLERS:
+                saved[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
+def _staging_prefix(out_dir: str) -> str:
+    return f".{os.path.basename(out_dir)}.tmp-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_staging(out_dir: str, quiet: bool) -> None:
+    """Remove staging folders for out_dir that a killed process (SIGKILL, a power cut) left: those
+    named for this host and a process id that no longer runs. A live one is another preparation
+    under way; one of another host may be too, so both are left alone."""
+    parent, prefix = os.path.dirname(out_dir), _staging_prefix(out_dir)
+    for name in os.listdir(parent):
+        host_pid_rest = name[len(prefix):].rsplit("-", 2) if name.startswith(prefix) else []
+        if len(host_pid_rest) == 3 and host_pid_rest[0] == socket.gethostname() \
+                and host_pid_rest[1].isdigit() and not _alive(int(host_pid_rest[1])):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            _say(quiet, f"removed {os.path.join(parent, name)}, left by a preparation that was killed "
+                        f"(process {host_pid_rest[1]})")
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_error(e: OSError, out_dir: str) -> DataError | None:
+    """The one line for a failed write while preparing out_dir, None for another kind of OSError."""
+    elsewhere = "or prepare elsewhere with data/prepare.py --out_dir DIR (and train with --data_path DIR)"
+    if e.errno in NO_SPACE:
+        return DataError(f"{os.path.dirname(out_dir)}: no space left ({e.strerror}) while preparing {out_dir}; nothing was "
+                         f"written there (the staging folder is removed): free some space {elsewhere}")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+        where = os.path.dirname(e.filename) if isinstance(e.filename, str) else os.path.dirname(out_dir)
+        return DataError(f"{where}: cannot write there ({e.strerror}) to prepare {out_dir}; make it "
+                         f"writable {elsewhere}")
+    return None
+
+
+@contextlib.contextmanager
+def _staged(out_dir: str, quiet: bool = True):
     """Yield an empty temp dir next to out_dir; on success move its files into out_dir. On failure
-    nothing is left behind, not even a parent folder this call created."""
+    or a stop signal nothing is left behind, not even a parent folder this call created; a full
+    disk or an unwritable folder is one DataError naming it, a signal an Interrupted."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"{out_dir}: exists and is not a directory; choose another --out_dir")
     made_parent = not os.path.isdir(parent)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        _commit(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if made_parent and not os.path.exists(out_dir):
-            with contextlib.suppress(OSError):
-                os.rmdir(parent)
+    # While "hold" is set (the commit, the clean-up) a signal is only recorded, so neither is cut
+    # half-way; before, it raises, and the clean-up below runs (a SIGTERM's default would skip it).
+    state = {"hold": False, "pending": None}
+
+    def on_signal(signum, frame):
+        if state["hold"]:
+            state["pending"] = state["pending"] or signum
+            return
+        state["hold"] = True
+        raise Interrupted(signum, out_dir)
+
+    tmp = None
+    with _stop_signals_call(on_signal):
+        try:
+            os.makedirs(parent, exist_ok=True)
+            _remove_stale_staging(out_dir, quiet)
+            # host and process id in the name tell a later run whether its maker still runs
+            tmp = tempfile.mkdtemp(prefix=f"{_staging_prefix(out_dir)}{socket.gethostname()}-{os.getpid()}-",
+                                   dir=parent)
+            yield tmp
+            state["hold"] = True
+            _commit(tmp, out_dir)
+        except OSError as e:
+            raise _write_error(e, out_dir) or e from None
+        finally:
+            state["hold"] = True
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if made_parent and not os.path.exists(out_dir):
+                with contextlib.suppress(OSError):
+                    os.rmdir(parent)
+    if state["pending"]:
+        raise Interrupted(state["pending"], out_dir, complete=True)
 
 
 def _umask() -> int:
@@ -250,7 +366,7 @@ def prepare_default(out_dir: str = "data/embedded", vocab_size: int = 4096, seed
     _say(quiet, f"generated the embedded corpus in {time.time() - t0:.1f}s: {len(pre['train']):,} train "
                 f"and {len(pre['val']):,} val stories, "
                 + ", ".join(f"{len(corpus[k]['train']):,} {k.upper()} train" for k in ("sft", "dpo")))
-    with _staged(out_dir) as tmp:
+    with _staged(out_dir, quiet) as tmp:
         tok = _get_tokenizer(tokenizer, pre["train"], vocab_size, DEFAULT_TOKENIZER_MAX_CHARS, quiet)
         tok.save(os.path.join(tmp, "tokenizer.json"))
         counts = {}
@@ -318,7 +434,7 @@ def prepare_files(out_dir: str, pretrain_path: str | None = None, sft_path: str 
     # Hashed before reading: an input edited meanwhile is recorded as its old self, so it is
     # prepared again on next use, never reused as if it matched.
     identities = {k: source_identity(v, quiet) if v is not None else None for k, v in inputs.items()}
-    with _staged(out_dir) as tmp:
+    with _staged(out_dir, quiet) as tmp:
         texts = read_pretrain_texts(pretrain_path) if pretrain_path is not None else []
         tok = _get_tokenizer(tokenizer, texts, vocab_size, tokenizer_max_chars, quiet)
         tok.save(os.path.join(tmp, "tokenizer.json"))
@@ -396,20 +512,25 @@ def main(argv=None) -> None:
     files = any(x is not None for x in (args.pretrain_path, args.sft_path, args.dpo_path))
     if files and args.out_dir is None:
         p.error("--out_dir is required when preparing your own data files")
-    try:
-        if files:
-            prepare_files(args.out_dir, args.pretrain_path, args.sft_path, args.dpo_path, args.sft_val_path,
-                          args.dpo_val_path, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                          val_fraction=args.val_fraction, val_max_tokens=args.val_max_tokens,
-                          tokenizer_max_chars=args.tokenizer_max_chars, seed=args.seed,
-                          num_threads=args.num_threads)
-        else:
-            prepare_default(args.out_dir or "data/embedded", args.vocab_size, args.seed, tokenizer=args.tokenizer,
-                            num_threads=args.num_threads, n_stories=args.n_stories, n_sft=args.n_sft,
-                            n_dpo=args.n_dpo, n_eval=args.n_eval)
-    except (DataError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    # A stop signal raises Interrupted, so every step unwinds (the staging folder is removed) to one line.
+    with _stop_signals_call(_raise_interrupted):
+        try:
+            if files:
+                prepare_files(args.out_dir, args.pretrain_path, args.sft_path, args.dpo_path, args.sft_val_path,
+                              args.dpo_val_path, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                              val_fraction=args.val_fraction, val_max_tokens=args.val_max_tokens,
+                              tokenizer_max_chars=args.tokenizer_max_chars, seed=args.seed,
+                              num_threads=args.num_threads)
+            else:
+                prepare_default(args.out_dir or "data/embedded", args.vocab_size, args.seed, tokenizer=args.tokenizer,
+                                num_threads=args.num_threads, n_stories=args.n_stories, n_sft=args.n_sft,
+                                n_dpo=args.n_dpo, n_eval=args.n_eval)
+        except Interrupted as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(128 + e.signum)  # as a shell reports a process a signal stopped
+        except (DataError, FileNotFoundError, ValueError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":
