@@ -179,27 +179,38 @@ def encode_sft(tok, examples: list[dict], max_seq_len: int):
     return out, n_truncated
 
 
-def encode_dpo(tok, pairs: list[dict], max_seq_len: int):
-    """Like encode_sft for {"chosen", "rejected"} pairs; a pair is dropped when either side loses
-    all of its response tokens. Returns ([dict(chosen_ids, chosen_mask, rejected_ids,
-    rejected_mask)], n_truncated)."""
-    out, n_truncated = [], 0
+def encode_dpo(tok, pairs: list[dict], max_seq_len: int, source: str = "the DPO data"):
+    """Like encode_sft for {"chosen", "rejected"} pairs. A pair is dropped when either side loses
+    all of its response tokens to the cut, or when chosen and rejected are the same tokens within
+    it (the same replies, or replies that differ only after max_seq_len): such a pair's loss
+    stays at ln 2 with zero gradient, a step spent on nothing. Returns ([dict(chosen_ids,
+    chosen_mask, rejected_ids, rejected_mask)], counts) with counts of the pairs "truncated"
+    (either side longer than max_seq_len+1 tokens, kept or not) and of those dropped:
+    "no_reply", "identical" (as given) and "identical_cut" (differing only after the cut)."""
+    out = []
+    counts = {"truncated": 0, "no_reply": 0, "identical": 0, "identical_cut": 0}
     for pair in pairs:
-        item, truncated = {}, False
-        for side in ("chosen", "rejected"):
-            ids, mask = render_conversation(tok, pair[side])
-            truncated |= len(ids) > max_seq_len + 1
-            fitted = _fit(ids, mask, max_seq_len)
-            if fitted is None:
-                item = None
-                break
-            item[f"{side}_ids"], item[f"{side}_mask"] = fitted
-        n_truncated += truncated
-        if item is not None:
-            out.append(item)
+        rendered = [render_conversation(tok, pair[side]) for side in ("chosen", "rejected")]
+        counts["truncated"] += any(len(ids) > max_seq_len + 1 for ids, _ in rendered)
+        fitted = [_fit(ids, mask, max_seq_len) for ids, mask in rendered]
+        if None in fitted:
+            counts["no_reply"] += 1
+        elif rendered[0] == rendered[1]:
+            counts["identical"] += 1
+        elif all(np.array_equal(a, b) for a, b in zip(*fitted)):
+            counts["identical_cut"] += 1
+        else:
+            (chosen_ids, chosen_mask), (rejected_ids, rejected_mask) = fitted
+            out.append({"chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
+                        "rejected_ids": rejected_ids, "rejected_mask": rejected_mask})
     if not out:
-        raise DataError(f"no DPO pair keeps its responses within max_seq_len={max_seq_len}; raise --max_seq_len")
-    return out, n_truncated
+        why = [f"{counts['no_reply']:,} lose a whole reply to the cut" if counts["no_reply"] else "",
+               f"{counts['identical_cut']:,} differ only after it" if counts["identical_cut"] else "",
+               f"{counts['identical']:,} have the same chosen and rejected reply" if counts["identical"] else ""]
+        fix = "raise --max_seq_len" if counts["no_reply"] or counts["identical_cut"] else "fix the data"
+        raise DataError(f"{source}: no DPO pair is left to train on within max_seq_len={max_seq_len} "
+                        f"({', '.join(w for w in why if w) or 'no pairs'}); {fix}")
+    return out, counts
 
 
 def collate_sft(rows, pad_id: int):

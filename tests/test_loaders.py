@@ -271,6 +271,35 @@ def test_dpo_batch_stacks_chosen_rows_then_rejected_rows(tok):
 
 def test_dpo_pair_is_dropped_when_either_response_is_cut_entirely(tok):
     pairs = [_pair("Colour?", "Red.", "Blue."), _pair("colour " * 60, "Red.", "Blue.")]
-    encoded, n_truncated = encode_dpo(tok, pairs, max_seq_len=40)
-    assert len(encoded) == 1 and n_truncated == 1
+    encoded, counts = encode_dpo(tok, pairs, max_seq_len=40)
+    assert len(encoded) == 1 and counts == {"truncated": 1, "no_reply": 1, "identical": 0, "identical_cut": 0}
     assert set(encoded[0]) == {"chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"}
+
+
+def test_dpo_pairs_that_differ_only_after_the_cut_are_dropped_and_counted(tok):
+    shared = "Mia has red kites and Tom asked what colour the kite is. " * 4
+    pairs = [_pair("Colour?", shared + "Red.", shared + "Blue."), _pair("Colour?", "Red.", "Blue.")]
+    encoded, counts = encode_dpo(tok, pairs, max_seq_len=40)
+    assert counts == {"truncated": 1, "no_reply": 0, "identical": 0, "identical_cut": 1}
+    assert len(encoded) == 1 and len(encoded[0]["chosen_ids"]) < 40  # the short pair is the one kept
+    encoded, counts = encode_dpo(tok, pairs, max_seq_len=200)  # a context long enough to see them differ
+    assert len(encoded) == 2 and counts["identical_cut"] == 0
+
+
+def test_dpo_pairs_with_identical_replies_are_dropped_and_counted(tok):
+    pairs = [_pair("Colour?", "Red.", "Red."), _pair("Colour?", "Red.", "Blue.")]
+    encoded, counts = encode_dpo(tok, pairs, max_seq_len=64)
+    assert len(encoded) == 1 and counts["identical"] == 1 and counts["identical_cut"] == 0
+
+
+def test_dpo_with_every_pair_identical_within_the_cut_says_to_raise_max_seq_len(tok):
+    shared = "Mia has red kites and Tom asked what colour the kite is. " * 4
+    pairs = [_pair("Colour?", shared + "Red.", shared + "Blue."), _pair("Kites?", shared + "Two.", shared + "One.")]
+    with pytest.raises(DataError, match=r"pairs\.jsonl: no DPO pair is left to train on within max_seq_len=40 "
+                                        r"\(2 differ only after it\); raise --max_seq_len"):
+        encode_dpo(tok, pairs, max_seq_len=40, source="pairs.jsonl")
+
+
+def test_dpo_with_only_identical_replies_says_to_fix_the_data(tok):
+    with pytest.raises(DataError, match=r"\(1 have the same chosen and rejected reply\); fix the data"):
+        encode_dpo(tok, [_pair("Colour?", "Red.", "Red.")], max_seq_len=64)
