@@ -121,7 +121,7 @@ def main():
         data_dir = resolve_data(args.data_path, rank, world_size)
         tok = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
         train_loader = TokenWindowLoader(os.path.join(data_dir, "train.bin"), args.batch_size, args.max_seq_len,
-                                         rank, world_size, seed=args.seed)
+                                         rank, world_size, seed=args.seed, tokenizer=tok)
         val_path = os.path.join(data_dir, "val.bin")
         val_windows = (TokenWindowLoader(val_path, 1, args.max_seq_len).num_tokens - 1) // args.max_seq_len
         if val_windows < world_size:

@@ -5,6 +5,7 @@ removed by the next preparation and never read as data."""
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -220,3 +221,36 @@ def test_a_killed_preparation_leaves_nothing_the_next_run_reads_or_keeps(tmp_pat
     r = run_main("data/prepare.py", "--pretrain_path", src, "--out_dir", str(tmp_path / "out"), "--vocab_size", "300")
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path)) == ["corpus.txt", "out"]
+
+
+# ---------------------------------------------------------------------------------------------
+# a prepared directory whose tokenizer.json was swapped
+
+
+@pytest.fixture(scope="module")
+def two_vocabularies(tmp_path_factory):
+    """Two directories prepared from one text with tokenizers of 300 and 400 tokens."""
+    root = tmp_path_factory.mktemp("vocab")
+    words = " ".join(f"{w}{i}" for i in range(40) for w in ("kite", "hill", "river", "lantern"))
+    src = root / "corpus.txt"
+    src.write_text("\n\n".join(f"Story {i}: {words[i % 50:]}" for i in range(300)))
+    dirs = {n: prepare.prepare_files(str(root / f"v{n}"), pretrain_path=str(src), vocab_size=n, quiet=True)
+            for n in (300, 400)}
+    assert [json.load(open(os.path.join(d, "meta.json")))["vocab_size"] for d in dirs.values()] == [300, 400]
+    return dirs
+
+
+@pytest.mark.parametrize("data_vocab, tokenizer_vocab", [(300, 400), (400, 300)])
+def test_pretraining_on_tokens_of_another_tokenizer_stops_naming_the_directory(two_vocabularies, tmp_path,
+                                                                              data_vocab, tokenizer_vocab):
+    data = tmp_path / "data"
+    shutil.copytree(two_vocabularies[data_vocab], data)
+    shutil.copy(os.path.join(two_vocabularies[tokenizer_vocab], "tokenizer.json"), data / "tokenizer.json")
+    before = _snapshot(data)
+    r = run_main("train_pretrain_muon.py", "--data_path", str(data), "--out_dir", str(tmp_path / "out"),
+                 "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+                 "--num_key_value_heads", "1", "--max_seq_len", "32", "--batch_size", "2", "--eval_iters", "1",
+                 "--max_steps", "1", "--sample_prompt", "")
+    line = _one_error(r)
+    assert f"{data}: its token files were written by another tokenizer" in line and "prepare" in line
+    assert _snapshot(data) == before and not os.path.exists(tmp_path / "out" / "pretrain.pt")

@@ -1,5 +1,6 @@
 """Batch loaders: token-window determinism and resume, SFT padding/masking/truncation, DPO layout."""
 import io
+import json
 
 import numpy as np
 import pytest
@@ -159,6 +160,38 @@ def test_malformed_meta_json_is_a_clear_error(tmp_path):
     (tmp_path / "meta.json").write_text('{"dtype": ')
     with pytest.raises(DataError, match=r"meta\.json: not valid JSON"):
         TokenWindowLoader(str(tmp_path / "train.bin"), 1, 4)
+
+
+def _prepared_tokens(folder, tok, **meta):
+    folder.mkdir(exist_ok=True)
+    write_tokens(str(folder / "train.bin"), [np.arange(300) % tok.vocab_size], vocab_size=tok.vocab_size)
+    (folder / "meta.json").write_text(json.dumps({"dtype": "uint16", "train_tokens": 300, **meta}))
+    return str(folder / "train.bin")
+
+
+def test_a_token_file_of_its_own_tokenizer_loads(tok, tmp_path):
+    path = _prepared_tokens(tmp_path / "d", tok, vocab_size=tok.vocab_size, tokenizer_fingerprint=tok.fingerprint)
+    assert TokenWindowLoader(path, 1, 4, tokenizer=tok).num_tokens == 300
+
+
+def test_a_token_file_written_by_another_tokenizer_is_refused_naming_the_folder(tok, tmp_path):
+    path = _prepared_tokens(tmp_path / "d", tok, vocab_size=tok.vocab_size, tokenizer_fingerprint="0123456789abcdef")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'd'}: its token files were written by another tokenizer "
+                                        rf"\(meta.json: vocab 320, fingerprint 0123456789abcdef\).*prepare .* again"):
+        TokenWindowLoader(path, 1, 4, tokenizer=tok)
+
+
+def test_a_token_file_recording_another_vocab_size_is_refused(tok, tmp_path):
+    path = _prepared_tokens(tmp_path / "d", tok, vocab_size=4096)
+    with pytest.raises(DataError, match="written by a tokenizer of 4096 tokens"):
+        TokenWindowLoader(path, 1, 4, tokenizer=tok)
+
+
+def test_a_token_file_without_a_recorded_tokenizer_is_refused_for_ids_past_the_vocab(tok, tmp_path):
+    path = str(tmp_path / "train.bin")
+    write_tokens(path, [np.arange(400)], vocab_size=1000)
+    with pytest.raises(DataError, match=r"train\.bin: holds token id 399, past the 320 tokens of"):
+        TokenWindowLoader(path, 1, 4, tokenizer=tok)
 
 
 def test_eval_batches_split_a_fixed_set_evenly_between_ranks(tmp_path):
