@@ -136,6 +136,23 @@ def test_an_unsupported_extension_stops_listing_the_accepted_ones(tmp_path):
     assert not (tmp_path / "prepared").exists()
 
 
+def test_a_folder_with_files_of_other_kinds_stops_naming_them_before_anything_is_prepared(tmp_path):
+    _text(tmp_path / "corpus" / "part1.txt", 1)
+    (tmp_path / "corpus" / "part2.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    (tmp_path / "corpus" / "part3.json").write_text('{"text": "x"}\n')
+    with pytest.raises(DataError, match=r"corpus: 2 file\(s\) are not pretraining text.*part2\.jsonl\.gz, part3\.json"):
+        cache.prepare_source(str(tmp_path / "corpus"), str(tmp_path / "prepared"), **SMALL)
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_folder_reached_through_a_symlinked_subfolder_is_prepared_with_it(tmp_path):
+    _text(tmp_path / "corpus" / "part1.txt", 1)
+    _text(tmp_path / "elsewhere" / "part2.txt", 2)
+    (tmp_path / "corpus" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    out = cache.prepare_source(str(tmp_path / "corpus"), str(tmp_path / "prepared"), **SMALL)
+    assert _meta(out)["train_docs"] + _meta(out)["val_docs"] >= 120  # both files' 60 documents
+
+
 def test_a_failed_prepare_leaves_nothing_behind(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "unterminated\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:2"):
