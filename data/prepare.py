@@ -104,6 +104,13 @@ def _stop_signals_call(handler):
             signal.signal(sig, old)
 
 
+def interruptible():
+    """A context inside which a stop signal raises Interrupted, a DataError, so that a caller's
+    clean-up runs and its one-line error handling reports it (no KeyboardInterrupt traceback,
+    no SIGTERM death that skips the clean-up)."""
+    return _stop_signals_call(_raise_interrupted)
+
+
 def _staging_prefix(out_dir: str) -> str:
     return f".{os.path.basename(out_dir)}.tmp-"
 
@@ -139,8 +146,8 @@ def _write_error(e: OSError, out_dir: str) -> DataError | None:
     """The one line for a failed write while preparing out_dir, None for another kind of OSError."""
     elsewhere = "or prepare elsewhere with data/prepare.py --out_dir DIR (and train with --data_path DIR)"
     if e.errno in NO_SPACE:
-        return DataError(f"{os.path.dirname(out_dir)}: no space left ({e.strerror}) while preparing {out_dir}; nothing was "
-                         f"written there (the staging folder is removed): free some space {elsewhere}")
+        return DataError(f"{os.path.dirname(out_dir)}: no space left ({e.strerror}) while preparing {out_dir}; "
+                         f"nothing was written there (the staging folder is removed): free some space {elsewhere}")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
         where = os.path.dirname(e.filename) if isinstance(e.filename, str) else os.path.dirname(out_dir)
         return DataError(f"{where}: cannot write there ({e.strerror}) to prepare {out_dir}; make it "
@@ -429,6 +436,9 @@ def prepare_files(out_dir: str, pretrain_path: str | None = None, sft_path: str 
         chat["dpo"] = _chat_splits(read_dpo_jsonl, "dpo", dpo_path, dpo_val_path, seed, quiet)
     if pretrain_path is not None:
         pretrain_files(pretrain_path)  # a missing, empty or unsupported path stops here, before hashing
+        if os.path.realpath(pretrain_path) == os.path.realpath(out_dir):
+            raise DataError(f"{out_dir}: is the folder of raw text itself; the prepared files go to a folder of "
+                            f"their own: choose another --out_dir")
     inputs = {"pretrain": pretrain_path, "sft": sft_path, "sft_val": sft_val_path, "dpo": dpo_path,
               "dpo_val": dpo_val_path}
     # Hashed before reading: an input edited meanwhile is recorded as its old self, so it is
@@ -512,8 +522,7 @@ def main(argv=None) -> None:
     files = any(x is not None for x in (args.pretrain_path, args.sft_path, args.dpo_path))
     if files and args.out_dir is None:
         p.error("--out_dir is required when preparing your own data files")
-    # A stop signal raises Interrupted, so every step unwinds (the staging folder is removed) to one line.
-    with _stop_signals_call(_raise_interrupted):
+    with interruptible():
         try:
             if files:
                 prepare_files(args.out_dir, args.pretrain_path, args.sft_path, args.dpo_path, args.sft_val_path,

@@ -282,8 +282,8 @@ def read_pretrain_texts(path: str) -> Iterator[str]:
 
     def docs():
         for f in files:
-            kind = f.lower()
-            reader = _read_txt if kind.endswith(".txt") else _read_text_jsonl if kind.endswith(".jsonl") else _read_parquet
+            suffix = os.path.splitext(f)[1].lower()
+            reader = {".txt": _read_txt, ".jsonl": _read_text_jsonl, ".parquet": _read_parquet}[suffix]
             n = 0
             for doc in reader(f):
                 n += 1

@@ -105,6 +105,14 @@ def test_an_output_path_that_is_a_file_is_refused(tmp_path):
     assert (tmp_path / "out").read_text() == "my notes"
 
 
+def test_an_output_folder_that_is_the_raw_text_folder_is_refused(tmp_path):
+    src = tmp_path / "corpus"
+    _text(src / "a.txt")
+    r = run_main("data/prepare.py", "--pretrain_path", str(src), "--out_dir", str(src), "--vocab_size", "300")
+    assert "corpus: is the folder of raw text itself" in _one_error(r)
+    assert sorted(os.listdir(src)) == ["a.txt"]
+
+
 def test_an_unreadable_embedded_meta_json_is_one_message(tmp_path):
     out = tmp_path / "emb"
     out.mkdir()
@@ -116,7 +124,8 @@ def test_an_unreadable_embedded_meta_json_is_one_message(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # stop signals
 
-# prepare.py, its tokenizer training made to wait (as a large corpus does) once it says "staging"
+# a preparation whose step `slow` (tokenizer training by default) is made to wait, as on a large
+# corpus, once it says "staging"
 SLOW_PREPARE = """
 import sys, time
 sys.path.insert(0, {root!r})
@@ -124,13 +133,13 @@ from data import cache, prepare
 def slow(*args, **kwargs):
     print("staging", flush=True)
     time.sleep(120)
-prepare._get_tokenizer = slow
+{slow} = slow
 {call}
 """
 
 
-def _signalled(tmp_path, sig, call):
-    code = SLOW_PREPARE.format(root=ROOT, call=call)
+def _signalled(tmp_path, sig, call, slow="prepare._get_tokenizer"):
+    code = SLOW_PREPARE.format(root=ROOT, call=call, slow=slow)
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=script_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -174,6 +183,16 @@ def test_sigterm_while_a_data_path_is_prepared_is_a_data_error_the_scripts_print
     assert sorted(os.listdir(tmp_path)) == ["corpus.txt"]
 
 
+def test_sigint_while_a_data_path_is_hashed_is_a_data_error_too(tmp_path):
+    src = _text(tmp_path / "corpus.txt")
+    call = (f"from data.readers import DataError\n"
+            f"try:\n    cache.prepare_source({src!r}, 'prepared', vocab_size=300, quiet=True)\n"
+            f"except DataError as e:\n    print('error:', e, file=sys.stderr)\n    sys.exit(1)")
+    r = _signalled(tmp_path, signal.SIGINT, call, slow="cache.source_identity")
+    assert _one_error(r) == "error: SIGINT: stopped before anything was written"
+    assert sorted(os.listdir(tmp_path)) == ["corpus.txt"]
+
+
 # ---------------------------------------------------------------------------------------------
 # what a killed process leaves
 
@@ -208,7 +227,8 @@ def test_a_complete_staging_folder_is_never_taken_for_an_earlier_preparation(tmp
 
 def test_a_killed_preparation_leaves_nothing_the_next_run_reads_or_keeps(tmp_path):
     src = _text(tmp_path / "corpus.txt")
-    code = SLOW_PREPARE.format(root=ROOT, call=f"prepare.main(['--pretrain_path', {src!r}, '--out_dir', 'out'])")
+    code = SLOW_PREPARE.format(root=ROOT, call=f"prepare.main(['--pretrain_path', {src!r}, '--out_dir', 'out'])",
+                               slow="prepare._get_tokenizer")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=script_env(), stdout=subprocess.PIPE,
                             text=True)
     try:
