@@ -211,7 +211,8 @@ def _raw_files_under(path: str) -> list[str]:
     """Every pretraining file under a folder, sorted. The folder is read whole or not at all: a file
     of another kind, or a prepared data directory (whose sft/dpo jsonl files would otherwise be read
     as text and fail far from the cause), stops it by name. Symbolic links to folders are followed,
-    each folder and file read once however many links lead to it (so a link cycle ends)."""
+    each folder and file read once however many links lead to it (so a link cycle ends). Hidden
+    entries (.git, .cache, a preparation's staging folder) are not data and are passed over."""
     if os.path.exists(os.path.join(path, "meta.json")):
         raise DataError(f"{path}: is a prepared data directory (it has meta.json), not raw text; pass it "
                         f"to the training scripts as --data_path, or give data/prepare.py the raw files")
@@ -221,8 +222,11 @@ def _raw_files_under(path: str) -> list[str]:
                         f"meta.json, which data/prepare.py writes last: the preparation did not finish or "
                         f"the file was removed; prepare it again with data/prepare.py --out_dir {path} "
                         f"from the raw files it came from")
+    def unlistable(e: OSError):  # os.walk would skip such a folder without a word
+        raise DataError(f"{e.filename}: cannot list this folder ({e.strerror}); check its permissions")
+
     files, others, seen_dirs, seen_files = [], [], set(), set()
-    for root, dirs, names in os.walk(path, followlinks=True):
+    for root, dirs, names in os.walk(path, onerror=unlistable, followlinks=True):
         real = os.path.realpath(root)
         if real in seen_dirs:
             dirs[:] = []

@@ -1,6 +1,7 @@
 """Readers for real data: accepted formats, and one clear DataError (file:line) per bad input."""
 import importlib.util
 import json
+import os
 import sys
 
 import pytest
@@ -169,6 +170,21 @@ def test_pretrain_folder_holding_a_prepared_directory_names_it(tmp_path):
     (tmp_path / "prepared" / "meta.json").write_text("{}")
     (tmp_path / "prepared" / "sft_train.jsonl").write_text("{}\n")
     assert "prepared: a prepared data directory inside the folder of raw text" in _pretrain_error(str(tmp_path))
+
+
+def test_pretrain_folder_with_a_subfolder_it_cannot_list_names_it(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("fine")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "b.txt").write_text("unseen")
+    scandir = os.scandir
+
+    def denied(path="."):  # root may list any folder; fail as a user would
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    assert "locked: cannot list this folder (Permission denied)" in _pretrain_error(str(tmp_path))
 
 
 def test_pretrain_unreadable_file_names_it(tmp_path, monkeypatch):
