@@ -6,7 +6,9 @@ SFT/DPO jsonl splits, and meta.json describing them.
 
 Everything is built in a temporary directory and moved in only once all of it succeeded: a new
 directory by one rename, an existing one file by file with meta.json last, so its presence means
-"complete" (data/cache.py relies on that).
+"complete" (data/cache.py relies on that). A full disk, an unwritable folder or a stop signal
+(Ctrl-C, SIGTERM, SIGHUP) removes the temporary directory and ends in one line; one that a killed
+process left is removed by the next preparation of the same directory.
 """
 import argparse
 import contextlib
@@ -134,9 +136,10 @@ def _remove_stale_staging(out_dir: str, quiet: bool) -> None:
         host_pid_rest = name[len(prefix):].rsplit("-", 2) if name.startswith(prefix) else []
         if len(host_pid_rest) == 3 and host_pid_rest[0] == socket.gethostname() \
                 and host_pid_rest[1].isdigit() and not _alive(int(host_pid_rest[1])):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-            _say(quiet, f"removed {os.path.join(parent, name)}, left by a preparation that was killed "
-                        f"(process {host_pid_rest[1]})")
+            stale = os.path.join(parent, name)
+            shutil.rmtree(stale, ignore_errors=True)  # hidden, so never read as data if it stays
+            if not os.path.exists(stale):
+                _say(quiet, f"removed {stale}, left by a preparation that was killed (process {host_pid_rest[1]})")
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
