@@ -113,6 +113,16 @@ def test_an_output_folder_that_is_the_raw_text_folder_is_refused(tmp_path):
     assert sorted(os.listdir(src)) == ["a.txt"]
 
 
+def test_pretraining_on_a_folder_with_files_of_other_kinds_stops_naming_them(tmp_path):
+    _text(tmp_path / "corpus" / "a.txt")
+    (tmp_path / "corpus" / "b.txt.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    r = run_main("train_pretrain_muon.py", "--data_path", str(tmp_path / "corpus"), "--out_dir", str(tmp_path / "out"),
+                 "--max_steps", "1")
+    line = _one_error(r)
+    assert "corpus: 1 file(s) are not pretraining text" in line and "b.txt.gz" in line and "gunzip" in line
+    assert not (tmp_path / "out" / "pretrain.pt").exists()
+
+
 def test_an_unreadable_embedded_meta_json_is_one_message(tmp_path):
     out = tmp_path / "emb"
     out.mkdir()
