@@ -476,11 +476,15 @@ def resolve_chat_data(kind: str, data_path: str | None, rank: int, world_size: i
     <kind>_train.jsonl and <kind>_val.jsonl (as data/prepare.py writes them). A .jsonl file:
     that file alone; the caller then splits a validation set off it (split_val) or reads --val_path.
     """
-    from data.prepare import ensure_prepared
+    from data.cache import ensure_prepared
+    from data.readers import DataError
 
     if data_path is None:
         if rank == 0:
-            ensure_prepared(EMBEDDED_DIR)
+            try:
+                ensure_prepared(EMBEDDED_DIR)
+            except DataError as e:  # an unwritable data/, a full disk, a signal while preparing
+                die(str(e))
         if world_size > 1:
             dist.barrier()
         data_path = EMBEDDED_DIR

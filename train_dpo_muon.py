@@ -151,18 +151,22 @@ def main():
             val_records = read_dpo_jsonl(args.val_path or val_file)
         else:
             train_records, val_records = split_val(train_records, args.seed)
-        train_encoded, n_cut = encode_dpo(tok, train_records, config.max_seq_len)
-        val_encoded, _ = encode_dpo(tok, val_records, config.max_seq_len)
+        train_encoded, cut = encode_dpo(tok, train_records, config.max_seq_len, train_file)
+        val_encoded, _ = encode_dpo(tok, val_records, config.max_seq_len, args.val_path or val_file or "the val pairs")
         train_loader = DPOLoader(train_encoded, args.batch_size, rank, world_size, seed=args.seed, pad_id=tok.pad_id)
     except DataError as e:
         die(str(e))
-    same = sum(r["chosen"] == r["rejected"] for r in train_records)
-    if same:
-        warn(f"{same:,} of {len(train_records):,} pairs have identical chosen and rejected replies: their loss stays "
-             f"at log 2 with zero gradient")
-    print0(f"data: {train_file}: {len(train_records):,} pairs, {n_cut:,} longer than max_seq_len="
-           f"{config.max_seq_len} (truncated; {len(train_records) - len(train_encoded):,} of them dropped: a "
-           f"reply lost all its tokens); {len(val_encoded):,} val pairs")
+    # such pairs are dropped: their loss stays at ln 2 with zero gradient
+    if cut["identical"]:
+        warn(f"{cut['identical']:,} of {len(train_records):,} pairs have identical chosen and rejected replies: "
+             f"dropped, since their loss stays at ln 2 with zero gradient")
+    if cut["identical_cut"]:
+        warn(f"{cut['identical_cut']:,} of {len(train_records):,} pairs differ only after max_seq_len="
+             f"{config.max_seq_len} tokens: dropped, since cut there their loss stays at ln 2 with zero gradient; "
+             f"raise --max_seq_len (the model's context, set when pretraining) to train on them")
+    print0(f"data: {train_file}: {len(train_records):,} pairs, {cut['truncated']:,} longer than max_seq_len="
+           f"{config.max_seq_len} (truncated; {cut['no_reply']:,} of them dropped: a reply lost all its tokens); "
+           f"{len(train_encoded):,} pairs kept, {len(val_encoded):,} val pairs")
     questions, eval_path = answer_questions(args.eval_path, data_dir, tok, config.max_seq_len, args.eval_questions)
     total_steps = total_steps_of(args, train_loader.batches_per_epoch / args.accumulation_steps)
     if args.resume:

@@ -19,7 +19,7 @@ from common import (gathered, load_optimizer_state, wrap_model, EXIT_INTERRUPTED
                     set_rng_state, setup_run, step_speed, stop_on_nan, synchronized_time, total_steps_of,
                     train_arg_parser)
 from data.loaders import TokenWindowLoader, eval_batches, eval_bytes_per_token
-from data.prepare import prepare_source
+from data.cache import prepare_source
 from data.readers import DataError
 from data.tokenizer import load_tokenizer
 from model import GPT, ModelConfig, split_params, split_summary
@@ -121,7 +121,7 @@ def main():
         data_dir = resolve_data(args.data_path, rank, world_size)
         tok = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
         train_loader = TokenWindowLoader(os.path.join(data_dir, "train.bin"), args.batch_size, args.max_seq_len,
-                                         rank, world_size, seed=args.seed)
+                                         rank, world_size, seed=args.seed, tokenizer=tok)
         val_path = os.path.join(data_dir, "val.bin")
         val_windows = (TokenWindowLoader(val_path, 1, args.max_seq_len).num_tokens - 1) // args.max_seq_len
         if val_windows < world_size:

@@ -237,7 +237,7 @@ def tokens_per_step(flags):
 def prepared_data(stage, data_path):
     """The data directory every run reads, prepared here once so parallel runs never race to prepare it;
     SFT takes its --data_path as given (a prepared directory or a jsonl file)."""
-    from data.prepare import ensure_prepared
+    from data.cache import ensure_prepared
     if data_path is None:
         return ensure_prepared(os.path.join(ROOT, "data", "embedded"))
     if stage == "sft":

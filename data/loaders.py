@@ -14,6 +14,9 @@ from data.chat import render_conversation
 from data.readers import DataError
 
 
+SCAN_CHUNK = 1 << 24  # tokens per read when looking for the largest id in a token file
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
 
@@ -52,11 +55,12 @@ def _meta(path: str) -> dict:
         raise DataError(f"{meta}: not valid JSON ({e}); prepare the data again") from None
 
 
-def open_tokens(path: str, dtype=None) -> np.memmap:
+def open_tokens(path: str, dtype=None, tokenizer=None) -> np.memmap:
     """A token file as a read-only memmap, after checking it is whole: its size a multiple of the
     token size and, when meta.json records it, the count prepare.py wrote. A file cut short by a
     full disk or an interrupted copy would otherwise train on a silently different set of tokens
-    (or fail inside numpy with no hint of the cause). dtype defaults to meta.json's, else uint16."""
+    (or fail inside numpy with no hint of the cause). dtype defaults to meta.json's, else uint16.
+    With `tokenizer`, also that the file was written by it (check_tokenizer)."""
     meta = _meta(path)
     if not os.path.exists(path):
         if meta:  # prepared with --sft_path/--dpo_path alone
@@ -75,7 +79,34 @@ def open_tokens(path: str, dtype=None) -> np.memmap:
     if expected is not None and n != expected:
         raise DataError(f"{path}: holds {n:,} tokens but meta.json records {expected:,}: the file is "
                         f"truncated or damaged; {redo}")
-    return np.memmap(path, dtype=dtype, mode="r")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    if tokenizer is not None:
+        check_tokenizer(path, tokens, meta, tokenizer)
+    return tokens
+
+
+def check_tokenizer(path: str, tokens: np.ndarray, meta: dict, tok) -> None:
+    """The token file `path` was written by `tok`: meta.json's tokenizer fingerprint is tok's, or,
+    where none is recorded, no id is past tok's vocabulary. A tokenizer.json swapped in after
+    preparing would otherwise train on misread tokens without a word (a larger vocabulary) or
+    fail deep inside the embedding with an IndexError (a smaller one)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    redo = (f"prepare {folder} again (data/prepare.py, or --data_path with the raw text), or put back the "
+            f"tokenizer.json it was prepared with")
+    recorded = meta.get("tokenizer_fingerprint")
+    if recorded is not None:
+        if recorded != tok.fingerprint:
+            raise DataError(f"{folder}: its token files were written by another tokenizer (meta.json: vocab "
+                            f"{meta.get('vocab_size')}, fingerprint {recorded}) than {tok.name} (vocab "
+                            f"{tok.vocab_size}, fingerprint {tok.fingerprint}); {redo}")
+        return
+    if meta.get("vocab_size") not in (None, tok.vocab_size):
+        raise DataError(f"{folder}: its token files were written by a tokenizer of {meta['vocab_size']} tokens "
+                        f"(meta.json), not by {tok.name} of {tok.vocab_size}; {redo}")
+    top = max(int(tokens[i:i + SCAN_CHUNK].max()) for i in range(0, len(tokens), SCAN_CHUNK))
+    if top >= tok.vocab_size:
+        raise DataError(f"{path}: holds token id {top}, past the {tok.vocab_size} tokens of {tok.name}: it was "
+                        f"written by another tokenizer; {redo}")
 
 
 class TokenWindowLoader:
@@ -86,13 +117,14 @@ class TokenWindowLoader:
     So ranks see different data, one process with batch 2B sees exactly what two processes
     with batch B see together, any batch can be recomputed from the step alone, and the
     loader's whole state is that step counter (a run can resume on another world size).
+    Given the run's tokenizer, the file must have been written by it (check_tokenizer).
     """
 
-    def __init__(self, path, batch_size, seq_len, rank=0, world_size=1, seed=0, dtype=None):
+    def __init__(self, path, batch_size, seq_len, rank=0, world_size=1, seed=0, dtype=None, tokenizer=None):
         path = os.fspath(path)
         self.path, self.batch_size, self.seq_len = path, batch_size, seq_len
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.tokens = open_tokens(path, dtype)
+        self.tokens = open_tokens(path, dtype, tokenizer)
         self.dtype = self.tokens.dtype
         self.num_tokens = len(self.tokens)
         if self.num_tokens < seq_len + 1:
@@ -179,27 +211,38 @@ def encode_sft(tok, examples: list[dict], max_seq_len: int):
     return out, n_truncated
 
 
-def encode_dpo(tok, pairs: list[dict], max_seq_len: int):
-    """Like encode_sft for {"chosen", "rejected"} pairs; a pair is dropped when either side loses
-    all of its response tokens. Returns ([dict(chosen_ids, chosen_mask, rejected_ids,
-    rejected_mask)], n_truncated)."""
-    out, n_truncated = [], 0
+def encode_dpo(tok, pairs: list[dict], max_seq_len: int, source: str = "the DPO data"):
+    """Like encode_sft for {"chosen", "rejected"} pairs. A pair is dropped when either side loses
+    all of its response tokens to the cut, or when chosen and rejected are the same tokens within
+    it (the same replies, or replies that differ only after max_seq_len): such a pair's loss
+    stays at ln 2 with zero gradient, a step spent on nothing. Returns ([dict(chosen_ids,
+    chosen_mask, rejected_ids, rejected_mask)], counts) with counts of the pairs "truncated"
+    (either side longer than max_seq_len+1 tokens, kept or not) and of those dropped:
+    "no_reply", "identical" (as given) and "identical_cut" (differing only after the cut)."""
+    out = []
+    counts = {"truncated": 0, "no_reply": 0, "identical": 0, "identical_cut": 0}
     for pair in pairs:
-        item, truncated = {}, False
-        for side in ("chosen", "rejected"):
-            ids, mask = render_conversation(tok, pair[side])
-            truncated |= len(ids) > max_seq_len + 1
-            fitted = _fit(ids, mask, max_seq_len)
-            if fitted is None:
-                item = None
-                break
-            item[f"{side}_ids"], item[f"{side}_mask"] = fitted
-        n_truncated += truncated
-        if item is not None:
-            out.append(item)
+        rendered = [render_conversation(tok, pair[side]) for side in ("chosen", "rejected")]
+        counts["truncated"] += any(len(ids) > max_seq_len + 1 for ids, _ in rendered)
+        fitted = [_fit(ids, mask, max_seq_len) for ids, mask in rendered]
+        if None in fitted:
+            counts["no_reply"] += 1
+        elif rendered[0] == rendered[1]:
+            counts["identical"] += 1
+        elif all(np.array_equal(a, b) for a, b in zip(*fitted)):
+            counts["identical_cut"] += 1
+        else:
+            (chosen_ids, chosen_mask), (rejected_ids, rejected_mask) = fitted
+            out.append({"chosen_ids": chosen_ids, "chosen_mask": chosen_mask,
+                        "rejected_ids": rejected_ids, "rejected_mask": rejected_mask})
     if not out:
-        raise DataError(f"no DPO pair keeps its responses within max_seq_len={max_seq_len}; raise --max_seq_len")
-    return out, n_truncated
+        why = [f"{counts['no_reply']:,} lose a whole reply to the cut" if counts["no_reply"] else "",
+               f"{counts['identical_cut']:,} differ only after it" if counts["identical_cut"] else "",
+               f"{counts['identical']:,} have the same chosen and rejected reply" if counts["identical"] else ""]
+        fix = "raise --max_seq_len" if counts["no_reply"] or counts["identical_cut"] else "fix the data"
+        raise DataError(f"{source}: no DPO pair is left to train on within max_seq_len={max_seq_len} "
+                        f"({', '.join(w for w in why if w) or 'no pairs'}); {fix}")
+    return out, counts
 
 
 def collate_sft(rows, pad_id: int):

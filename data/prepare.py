@@ -6,18 +6,23 @@ SFT/DPO jsonl splits, and meta.json describing them.
 
 Everything is built in a temporary directory and moved in only once all of it succeeded: a new
 directory by one rename, an existing one file by file with meta.json last, so its presence means
-"complete" (ensure_prepared and prepare_source rely on that).
+"complete" (data/cache.py relies on that). A full disk, an unwritable folder or a stop signal
+(Ctrl-C, SIGTERM, SIGHUP) removes the temporary directory and ends in one line; one that a killed
+process left is removed by the next preparation of the same directory.
 """
 import argparse
 import contextlib
-import hashlib
+import errno
 import inspect
 import json
 import math
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 
 if __name__ == "__main__" and not __package__:  # `python data/prepare.py` from anywhere
@@ -25,6 +30,7 @@ if __name__ == "__main__" and not __package__:  # `python data/prepare.py` from 
 
 import numpy as np
 
+from data.cache import corpus_fingerprint, source_identity
 from data.loaders import token_dtype
 from data.readers import DataError, pretrain_files, read_dpo_jsonl, read_pretrain_texts, read_sft_jsonl
 from data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
@@ -34,9 +40,8 @@ PREPARED_FILES = ("tokenizer.json", "train.bin", "val.bin", *CHAT_FILES)  # meta
 DEFAULT_TOKENIZER_MAX_CHARS = 200_000_000
 ENCODE_CHUNK = 1024  # documents per tiktoken batch call
 COPY_CHUNK = 1 << 24  # tokens per read when splitting the token stream into train and val
-HASH_CHUNK = 1 << 23  # bytes per read when hashing a source file
-EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens
+SEED_MAX = 2**64 - 1  # a 64-bit seed, the most torch.manual_seed takes; more is surely a typo
 
 # Validation split of real pretraining text. 10% (what nanoGPT holds out of Tiny Shakespeare)
 # makes a small corpus's val loss measurable; a floor of 32,768 tokens (128 windows of the
@@ -59,23 +64,143 @@ def _say(quiet: bool, msg: str) -> None:
         print(msg, flush=True)
 
 
+class Interrupted(DataError):
+    """SIGINT, SIGTERM or SIGHUP while preparing. A DataError, so each script stops with its one
+    line; data/prepare.py exits with 128 + the signal's number, as a shell reports a killed process."""
+
+    def __init__(self, signum: int, out_dir: str | None = None, complete: bool = False):
+        name = signal.Signals(signum).name
+        if out_dir is None:
+            msg = f"{name}: stopped before anything was written"
+        elif complete:
+            msg = f"{name} while preparing {out_dir}: stopped once it was complete"
+        else:
+            msg = f"{name} while preparing {out_dir}: stopped; its staging folder is removed and {out_dir} is as it was"
+        super().__init__(msg)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Handlers that stop the process, which preparing replaces with its own. One that a training loop
+# installed (save at the next logged step) is left alone.
+DEFAULT_HANDLERS = (signal.SIG_DFL, signal.default_int_handler, _raise_interrupted)
+
+
 @contextlib.contextmanager
-def _staged(out_dir: str):
+def _stop_signals_call(handler):
+    """Inside, SIGINT, SIGTERM and SIGHUP call handler where they would otherwise stop the process
+    (set only in the main thread: no other may set handlers)."""
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) in DEFAULT_HANDLERS:
+                saved[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
+def interruptible():
+    """A context inside which a stop signal raises Interrupted, a DataError, so that a caller's
+    clean-up runs and its one-line error handling reports it (no KeyboardInterrupt traceback,
+    no SIGTERM death that skips the clean-up)."""
+    return _stop_signals_call(_raise_interrupted)
+
+
+def _staging_prefix(out_dir: str) -> str:
+    return f".{os.path.basename(out_dir)}.tmp-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_staging(out_dir: str, quiet: bool) -> None:
+    """Remove staging folders for out_dir that a killed process (SIGKILL, a power cut) left: those
+    named for this host and a process id that no longer runs. A live one is another preparation
+    under way; one of another host may be too, so both are left alone."""
+    parent, prefix = os.path.dirname(out_dir), _staging_prefix(out_dir)
+    for name in os.listdir(parent):
+        host_pid_rest = name[len(prefix):].rsplit("-", 2) if name.startswith(prefix) else []
+        if len(host_pid_rest) == 3 and host_pid_rest[0] == socket.gethostname() \
+                and host_pid_rest[1].isdigit() and not _alive(int(host_pid_rest[1])):
+            stale = os.path.join(parent, name)
+            shutil.rmtree(stale, ignore_errors=True)  # hidden, so never read as data if it stays
+            if not os.path.exists(stale):
+                _say(quiet, f"removed {stale}, left by a preparation that was killed (process {host_pid_rest[1]})")
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_error(e: OSError, out_dir: str) -> DataError | None:
+    """The one line for a failed write while preparing out_dir, None for another kind of OSError."""
+    elsewhere = "or prepare elsewhere with data/prepare.py --out_dir DIR (and train with --data_path DIR)"
+    if e.errno in NO_SPACE:
+        return DataError(f"{os.path.dirname(out_dir)}: no space left ({e.strerror}) while preparing {out_dir}; "
+                         f"nothing was written there (the staging folder is removed): free some space {elsewhere}")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+        where = os.path.dirname(e.filename) if isinstance(e.filename, str) else os.path.dirname(out_dir)
+        return DataError(f"{where}: cannot write there ({e.strerror}) to prepare {out_dir}; make it "
+                         f"writable {elsewhere}")
+    return None
+
+
+@contextlib.contextmanager
+def _staged(out_dir: str, quiet: bool = True):
     """Yield an empty temp dir next to out_dir; on success move its files into out_dir. On failure
-    nothing is left behind, not even a parent folder this call created."""
+    or a stop signal nothing is left behind, not even a parent folder this call created; a full
+    disk or an unwritable folder is one DataError naming it, a signal an Interrupted."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"{out_dir}: exists and is not a directory; choose another --out_dir")
     made_parent = not os.path.isdir(parent)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        yield tmp
-        _commit(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if made_parent and not os.path.exists(out_dir):
-            with contextlib.suppress(OSError):
-                os.rmdir(parent)
+    # While "hold" is set (the commit, the clean-up) a signal is only recorded, so neither is cut
+    # half-way; before, it raises, and the clean-up below runs (a SIGTERM's default would skip it).
+    state = {"hold": False, "pending": None}
+
+    def on_signal(signum, frame):
+        if state["hold"]:
+            state["pending"] = state["pending"] or signum
+            return
+        state["hold"] = True
+        raise Interrupted(signum, out_dir)
+
+    tmp = None
+    with _stop_signals_call(on_signal):
+        try:
+            os.makedirs(parent, exist_ok=True)
+            _remove_stale_staging(out_dir, quiet)
+            # host and process id in the name tell a later run whether its maker still runs
+            tmp = tempfile.mkdtemp(prefix=f"{_staging_prefix(out_dir)}{socket.gethostname()}-{os.getpid()}-",
+                                   dir=parent)
+            yield tmp
+            state["hold"] = True
+            _commit(tmp, out_dir)
+        except OSError as e:
+            raise _write_error(e, out_dir) or e from None
+        finally:
+            state["hold"] = True
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if made_parent and not os.path.exists(out_dir):
+                with contextlib.suppress(OSError):
+                    os.rmdir(parent)
+    if state["pending"]:
+        raise Interrupted(state["pending"], out_dir, complete=True)
 
 
 def _umask() -> int:
@@ -238,16 +363,6 @@ def _meta(tok: Tokenizer, counts: dict, chat_counts: dict, source: dict) -> dict
     }
 
 
-def corpus_fingerprint() -> str:
-    """A hash of data/corpus.py's source, recorded in an embedded corpus's meta.json. Any edit to
-    the generator changes it (a version number to bump by hand could be forgotten); a stale
-    corpus costs a few seconds to regenerate, training on one costs a wrong result."""
-    from data import corpus
-
-    with open(corpus.__file__, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
-
-
 def prepare_default(out_dir: str = "data/embedded", vocab_size: int = 4096, seed: int = 1337,
                     quiet: bool = False, tokenizer: str | None = None, num_threads: int | None = None,
                     **corpus_kwargs) -> str:
@@ -261,7 +376,7 @@ def prepare_default(out_dir: str = "data/embedded", vocab_size: int = 4096, seed
     _say(quiet, f"generated the embedded corpus in {time.time() - t0:.1f}s: {len(pre['train']):,} train "
                 f"and {len(pre['val']):,} val stories, "
                 + ", ".join(f"{len(corpus[k]['train']):,} {k.upper()} train" for k in ("sft", "dpo")))
-    with _staged(out_dir) as tmp:
+    with _staged(out_dir, quiet) as tmp:
         tok = _get_tokenizer(tokenizer, pre["train"], vocab_size, DEFAULT_TOKENIZER_MAX_CHARS, quiet)
         tok.save(os.path.join(tmp, "tokenizer.json"))
         counts = {}
@@ -300,33 +415,6 @@ def _chat_splits(read, kind: str, path: str, val_path: str | None, seed: int, qu
             "val": [r for r, v in zip(records, is_val) if v]}
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def source_identity(path: str, quiet: bool = True) -> dict:
-    """{"path", "sha256", "bytes"} of a data file, or of a folder of pretraining files (its hash
-    then covers each file's name and bytes). The bytes are hashed in full: size and mtime alike
-    survive an edit within one mtime tick, a copy that keeps timestamps, or a restore from a
-    backup, and training on stale tokens is a silently wrong result, while a streamed sha256
-    costs a small fraction of tokenizing the same bytes."""
-    path = os.path.realpath(path)
-    files = pretrain_files(path) if os.path.isdir(path) else [path]
-    size = sum(os.path.getsize(f) for f in files)
-    if size > 1e9:
-        _say(quiet, f"hashing {path} ({size / 1e9:,.1f} GB) to tell whether it was prepared before...")
-    if os.path.isdir(path):
-        listing = "".join(f"{os.path.relpath(f, path)}\0{_file_sha256(f)}\n" for f in files)
-        digest = hashlib.sha256(listing.encode("utf-8")).hexdigest()
-    else:
-        digest = _file_sha256(path)
-    return {"path": path, "sha256": digest, "bytes": size}
-
-
 def prepare_files(out_dir: str, pretrain_path: str | None = None, sft_path: str | None = None,
                   dpo_path: str | None = None, sft_val_path: str | None = None,
                   dpo_val_path: str | None = None, vocab_size: int = 4096, tokenizer: str | None = None,
@@ -351,12 +439,15 @@ def prepare_files(out_dir: str, pretrain_path: str | None = None, sft_path: str 
         chat["dpo"] = _chat_splits(read_dpo_jsonl, "dpo", dpo_path, dpo_val_path, seed, quiet)
     if pretrain_path is not None:
         pretrain_files(pretrain_path)  # a missing, empty or unsupported path stops here, before hashing
+        if os.path.realpath(pretrain_path) == os.path.realpath(out_dir):
+            raise DataError(f"{out_dir}: is the folder of raw text itself; the prepared files go to a folder of "
+                            f"their own: choose another --out_dir")
     inputs = {"pretrain": pretrain_path, "sft": sft_path, "sft_val": sft_val_path, "dpo": dpo_path,
               "dpo_val": dpo_val_path}
     # Hashed before reading: an input edited meanwhile is recorded as its old self, so it is
     # prepared again on next use, never reused as if it matched.
     identities = {k: source_identity(v, quiet) if v is not None else None for k, v in inputs.items()}
-    with _staged(out_dir) as tmp:
+    with _staged(out_dir, quiet) as tmp:
         texts = read_pretrain_texts(pretrain_path) if pretrain_path is not None else []
         tok = _get_tokenizer(tokenizer, texts, vocab_size, tokenizer_max_chars, quiet)
         tok.save(os.path.join(tmp, "tokenizer.json"))
@@ -378,110 +469,6 @@ def prepare_files(out_dir: str, pretrain_path: str | None = None, sft_path: str 
         _write_json(os.path.join(tmp, "meta.json"), _meta(tok, counts, chat_counts, source))
     _say(quiet, f"prepared {out_dir} in {time.time() - t0:.1f}s")
     return out_dir
-
-
-# Besides the source, what shapes a prepare_files result; a reused directory must match them too.
-FILES_SETTINGS = ("vocab_size", "tokenizer", "tokenizer_max_chars", "val_fraction", "val_max_tokens", "seed")
-
-
-def _files_settings(settings: dict) -> dict:
-    """FILES_SETTINGS as given, else prepare_files's defaults."""
-    unknown = sorted(set(settings) - set(FILES_SETTINGS))
-    if unknown:
-        raise TypeError(f"unexpected settings {unknown}; prepare_source takes {', '.join(FILES_SETTINGS)}")
-    defaults = inspect.signature(prepare_files).parameters
-    return {k: settings[k] if k in settings else defaults[k].default for k in FILES_SETTINGS}
-
-
-def _recorded_source(out_dir: str) -> dict:
-    try:
-        with open(os.path.join(out_dir, "meta.json"), encoding="utf-8") as f:
-            return json.load(f).get("source") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
-def _made_from(out_dir: str, wanted: dict) -> bool:
-    recorded = _recorded_source(out_dir)
-    return all(k in recorded and recorded[k] == v for k, v in wanted.items())
-
-
-def _candidate_names(identity: dict, settings: dict) -> list[str]:
-    """<stem>-<8 hex>, readable and distinct per (path, content, settings); longer hashes in the
-    unlikely case a directory of that name holds something else."""
-    stem = os.path.splitext(os.path.basename(identity["path"]))[0] or "data"
-    key = hashlib.sha256(json.dumps({**identity, **settings}, sort_keys=True).encode("utf-8")).hexdigest()
-    return [f"{stem}-{key[:n]}" for n in (8, 16, 64)]
-
-
-def _other_preparations(prepared_root: str, path: str) -> list[str]:
-    """Directories under prepared_root prepared from `path` (with other content or settings)."""
-    if not os.path.isdir(prepared_root):
-        return []
-    found = []
-    for name in sorted(os.listdir(prepared_root)):
-        pretrain = _recorded_source(os.path.join(prepared_root, name)).get("pretrain") or {}
-        if isinstance(pretrain, dict) and pretrain.get("path") == path:
-            found.append(os.path.join(prepared_root, name))
-    return found
-
-
-def prepare_source(data_path: str | None, prepared_root: str, embedded_dir: str = EMBEDDED_DIR,
-                   quiet: bool = False, num_threads: int | None = None, **settings) -> str:
-    """The prepared directory to pretrain on for a --data_path, prepared on first use:
-
-    - None: the embedded corpus in embedded_dir (ensure_prepared);
-    - a prepared directory (one with meta.json): itself;
-    - a .txt/.jsonl/.parquet file or a folder of them: the directory under prepared_root whose
-      meta.json records this source, same absolute path and same bytes (source_identity), made
-      with the same settings (prepare_files's vocab_size, val_fraction, ...); otherwise a new
-      one named <stem>-<8 hex>. A directory prepared from anything else is never overwritten.
-
-    Run it on one process only; the others wait for it and use the returned path."""
-    if data_path is None:
-        return ensure_prepared(embedded_dir)
-    if os.path.isdir(data_path) and os.path.exists(os.path.join(data_path, "meta.json")):
-        return data_path
-    pretrain_files(data_path)  # missing, empty, unsupported type, not a data folder: stop before hashing
-    settings, identity = _files_settings(settings), source_identity(data_path, quiet)
-    wanted = {"kind": "files", "pretrain": identity, **settings}
-    prepared_root = os.path.abspath(prepared_root)
-    for name in _candidate_names(identity, settings):
-        out = os.path.join(prepared_root, name)
-        if _made_from(out, wanted):
-            _say(quiet, f"using {out}, prepared from {identity['path']} (same content, sha256 "
-                        f"{identity['sha256'][:12]}...)")
-            return out
-        if not os.path.exists(out):
-            break
-    else:
-        raise DataError(f"{prepared_root}: the names for {identity['path']} are taken by other data; "
-                        f"prepare it with data/prepare.py --out_dir")
-    for other in _other_preparations(prepared_root, identity["path"]):
-        _say(quiet, f"{other} was prepared from an earlier version of {identity['path']} (or other "
-                    f"settings); kept, delete it once no checkpoint needs its tokenizer")
-    _say(quiet, f"preparing {identity['path']} into {out} (first use of this content; for another vocabulary "
-                f"size or val split run data/prepare.py yourself)...")
-    return prepare_files(out, pretrain_path=identity["path"], num_threads=num_threads, quiet=quiet, **settings)
-
-
-def ensure_prepared(out_dir: str = "data/embedded", **kwargs) -> str:
-    """Prepare the embedded default into out_dir unless its meta.json says it is there already,
-    generated by the current data/corpus.py. One generated by other corpus code is regenerated
-    with the arguments it was made with (kwargs override them); a directory prepared from files
-    is left alone. In a multi-process run call it on rank 0 and barrier before the other ranks
-    read the data."""
-    meta_path = os.path.join(out_dir, "meta.json")
-    if not os.path.exists(meta_path):
-        print(f"preparing the embedded default data in {out_dir} (first run only)...", flush=True)
-        return prepare_default(out_dir, **kwargs)
-    with open(meta_path, encoding="utf-8") as f:
-        source = json.load(f).get("source", {})
-    if source.get("kind") != "embedded" or source.get("corpus_fingerprint") == corpus_fingerprint():
-        return out_dir
-    print(f"{out_dir} was generated by another version of data/corpus.py; regenerating it...", flush=True)
-    made_with = {k: v for k, v in source.items() if k not in ("kind", "corpus_fingerprint")}
-    return prepare_default(out_dir, **{**made_with, **kwargs})
 
 
 def _threads() -> int:
@@ -513,7 +500,7 @@ def main(argv=None) -> None:
                    help=f"tokenizer size to train, special tokens included (at least {MIN_VOCAB_SIZE})")
     p.add_argument("--tokenizer", default=None,
                    help="use this tokenizer.json or tiktoken name (gpt2) instead of training one")
-    p.add_argument("--seed", type=bounded(int, 0), default=1337)
+    p.add_argument("--seed", type=bounded(int, 0, SEED_MAX), default=1337)
     real = p.add_argument_group("real data (leave out for the embedded default corpus)")
     real.add_argument("--pretrain_path", default=None, help=".txt/.jsonl/.parquet file or a directory of them")
     real.add_argument("--sft_path", default=None, help="SFT jsonl (conversations/messages)")
@@ -538,20 +525,24 @@ def main(argv=None) -> None:
     files = any(x is not None for x in (args.pretrain_path, args.sft_path, args.dpo_path))
     if files and args.out_dir is None:
         p.error("--out_dir is required when preparing your own data files")
-    try:
-        if files:
-            prepare_files(args.out_dir, args.pretrain_path, args.sft_path, args.dpo_path, args.sft_val_path,
-                          args.dpo_val_path, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                          val_fraction=args.val_fraction, val_max_tokens=args.val_max_tokens,
-                          tokenizer_max_chars=args.tokenizer_max_chars, seed=args.seed,
-                          num_threads=args.num_threads)
-        else:
-            prepare_default(args.out_dir or "data/embedded", args.vocab_size, args.seed, tokenizer=args.tokenizer,
-                            num_threads=args.num_threads, n_stories=args.n_stories, n_sft=args.n_sft,
-                            n_dpo=args.n_dpo, n_eval=args.n_eval)
-    except (DataError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    with interruptible():
+        try:
+            if files:
+                prepare_files(args.out_dir, args.pretrain_path, args.sft_path, args.dpo_path, args.sft_val_path,
+                              args.dpo_val_path, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                              val_fraction=args.val_fraction, val_max_tokens=args.val_max_tokens,
+                              tokenizer_max_chars=args.tokenizer_max_chars, seed=args.seed,
+                              num_threads=args.num_threads)
+            else:
+                prepare_default(args.out_dir or "data/embedded", args.vocab_size, args.seed, tokenizer=args.tokenizer,
+                                num_threads=args.num_threads, n_stories=args.n_stories, n_sft=args.n_sft,
+                                n_dpo=args.n_dpo, n_eval=args.n_eval)
+        except Interrupted as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(128 + e.signum)  # as a shell reports a process a signal stopped
+        except (DataError, FileNotFoundError, ValueError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from typing import Iterator
 
 ROLES = ("system", "user", "assistant")
 PRETRAIN_SUFFIXES = (".txt", ".jsonl", ".parquet")
+GZIP_MAGIC = b"\x1f\x8b"
 # data/prepare.py output, never pretraining text: a folder holding them is a prepared one
 PREPARED_MARKERS = ("train.bin", "val.bin", "sft_train.jsonl", "dpo_train.jsonl")
 
@@ -30,16 +31,50 @@ def _check_file(path: str) -> None:
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
     """(1-based line number, text without the line ending), decoded strictly as UTF-8."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}); "
-                                f"re-encode the file as UTF-8") from None
-            if lineno == 1:
-                line = line.removeprefix("\ufeff")
-            yield lineno, line.rstrip("\r\n")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}); check that it is a file you may read") from None
+    with f:
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1 and raw.startswith(GZIP_MAGIC):
+                    raise DataError(f"{path}: is gzip-compressed; decompress it first (gunzip)")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}); "
+                                    f"re-encode the file as UTF-8") from None
+                if lineno == 1:
+                    line = line.removeprefix("\ufeff")
+                yield lineno, line.rstrip("\r\n")
+        except OSError as e:  # the disk or network filesystem failed mid-file
+            raise DataError(f"{path}:{lineno + 1}: reading failed ({e.strerror}); check the file and "
+                            f"its disk, then run again") from None
+
+
+def _lone_surrogate(value, where: str = "") -> str | None:
+    """Where in a parsed JSON record a string holds a lone UTF-16 surrogate ("\\ud800" escaped in
+    the file), e.g. "conversations[1].content": not a character, so it can be neither tokenized
+    nor written back as UTF-8. None if there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where if where.startswith("a key") else f"'{where}'" if where else "a string"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = (_lone_surrogate(key, f"a key of '{where}'" if where else "a key of the record")
+                     or _lone_surrogate(item, f"{where}.{key}" if where else key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def _json_lines(path: str) -> Iterator[tuple[int, dict]]:
@@ -48,13 +83,21 @@ def _json_lines(path: str) -> Iterator[tuple[int, dict]]:
     for lineno, line in _lines(path):
         if not line.strip():
             continue
+        where = f"{path}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); "
                             f"each line must be one complete JSON object") from None
+        except (ValueError, RecursionError) as e:  # e.g. an integer of over 4300 digits, nesting past the stack
+            reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+            raise DataError(f"{where}: JSON that Python cannot read ({reason}); fix or remove that line") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+            raise DataError(f"{where}: expected a JSON object per line, got {type(obj).__name__}")
+        # a lone surrogate can only come from a \\u escape: strictly decoded UTF-8 holds none
+        if ("\\ud" in line or "\\uD" in line) and (place := _lone_surrogate(obj)):
+            raise DataError(f"{where}: a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape) in {place}: "
+                            f"no character, so it cannot be tokenized; fix or remove that escape")
         yield lineno, obj
 
 
@@ -121,25 +164,55 @@ def _read_text_jsonl(path: str) -> Iterator[str]:
 
 
 def _read_parquet(path: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    unreadable = (OSError, ValueError, pa.ArrowException)  # a damaged file, or not parquet at all
     try:
         pf = pq.ParquetFile(path)
-    except Exception as e:
+        names = pf.schema_arrow.names
+    except unreadable as e:
         raise DataError(f"{path}: cannot read as parquet ({e})") from None
-    if "text" not in pf.schema_arrow.names:
-        raise DataError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
-    for batch in pf.iter_batches(columns=["text"], batch_size=1024):
-        for t in batch.column(0).to_pylist():
-            if t is not None and not isinstance(t, str):
-                raise DataError(f"{path}: the 'text' column must hold strings, found {type(t).__name__}")
-            if t and t.strip():
-                yield t
+    if "text" not in names:
+        raise DataError(f"{path}: no 'text' column (columns: {', '.join(names)})")
+    row = 0
+    try:
+        for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+            for t in batch.column(0).to_pylist():
+                row += 1
+                if t is not None and not isinstance(t, str):
+                    raise DataError(f"{path}: row {row}: the 'text' column must hold strings, found "
+                                    f"{type(t).__name__}")
+                if t and t.strip():
+                    yield t
+    except unreadable as e:
+        raise DataError(f"{path}: cannot read past row {row} ({e}); the file is damaged: write it again") from None
+
+
+def _is_pretrain_file(name: str) -> bool:
+    return name.lower().endswith(PRETRAIN_SUFFIXES)
+
+
+def _how_to_read(names: list[str]) -> list[str]:
+    """What to do with files of kinds that are not read as pretraining text."""
+    hints = []
+    if any(n.lower().endswith(".gz") for n in names):
+        hints.append("decompress .gz files (gunzip)")
+    if any(n.lower().endswith(".json") for n in names):
+        hints.append("a .json file of one JSON object per line is a .jsonl file: rename it")
+    return hints
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _raw_files_under(path: str) -> list[str]:
-    """Every pretraining file under a folder, sorted; a prepared data directory is refused by name,
-    since its sft/dpo jsonl files would otherwise be read as text and fail far from the cause."""
+    """Every pretraining file under a folder, sorted. The folder is read whole or not at all: a file
+    of another kind, or a prepared data directory (whose sft/dpo jsonl files would otherwise be read
+    as text and fail far from the cause), stops it by name. Symbolic links to folders are followed,
+    each folder and file read once however many links lead to it (so a link cycle ends). Hidden
+    entries (.git, .cache, a preparation's staging folder) are not data and are passed over."""
     if os.path.exists(os.path.join(path, "meta.json")):
         raise DataError(f"{path}: is a prepared data directory (it has meta.json), not raw text; pass it "
                         f"to the training scripts as --data_path, or give data/prepare.py the raw files")
@@ -149,29 +222,58 @@ def _raw_files_under(path: str) -> list[str]:
                         f"meta.json, which data/prepare.py writes last: the preparation did not finish or "
                         f"the file was removed; prepare it again with data/prepare.py --out_dir {path} "
                         f"from the raw files it came from")
-    files = []
-    for root, dirs, names in os.walk(path):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # skip .git, .cache, staging dirs
-        files += [os.path.join(root, n) for n in names if n.endswith(PRETRAIN_SUFFIXES) and not n.startswith(".")]
+    def unlistable(e: OSError):  # os.walk would skip such a folder without a word
+        raise DataError(f"{e.filename}: cannot list this folder ({e.strerror}); check its permissions")
+
+    files, others, seen_dirs, seen_files = [], [], set(), set()
+    for root, dirs, names in os.walk(path, onerror=unlistable, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        if root != path and os.path.exists(os.path.join(root, "meta.json")):
+            raise DataError(f"{root}: a prepared data directory inside the folder of raw text {path}; "
+                            f"move it out of that folder")
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # skip .git, .cache, staging dirs
+        for name in sorted(n for n in names if not n.startswith(".")):
+            f = os.path.join(root, name)
+            if os.path.realpath(f) not in seen_files:
+                seen_files.add(os.path.realpath(f))
+                (files if _is_pretrain_file(name) else others).append(f)
+    kinds = ", ".join(PRETRAIN_SUFFIXES)
     if not files:
+        listing = f" (it holds {_some([os.path.relpath(f, path) for f in others])})" if others else ""
         raise DataError(f"{path}: neither a prepared data directory (no meta.json) nor a folder of "
-                        f"{', '.join(PRETRAIN_SUFFIXES)} pretraining files")
+                        f"{kinds} pretraining files{listing}; only those kinds are read as text")
+    if others:
+        names = [os.path.relpath(f, path) for f in others]
+        raise DataError(f"{path}: {len(others)} file(s) are not pretraining text, which is read from "
+                        f"{kinds} files only: {_some(names)}; "
+                        + "; ".join(_how_to_read(names) + ["move anything else out of the folder"]))
     return sorted(files)
 
 
 def pretrain_files(path: str) -> list[str]:
-    """The files read_pretrain_texts(path) reads, in order, each checked to exist, be non-empty
-    and have a supported type."""
-    if not os.path.exists(path):
+    """The files read_pretrain_texts(path) reads, in order, each checked to exist, be a readable,
+    non-empty file and have a supported type."""
+    if not os.path.lexists(path):
         raise DataError(f"{path}: no such file or directory")
     files = _raw_files_under(path) if os.path.isdir(path) else [path]
     for f in files:
-        if not f.endswith(PRETRAIN_SUFFIXES):
+        if not os.path.exists(f):
+            raise DataError(f"{f}: a symbolic link to {os.readlink(f)}, which does not exist; fix or remove the link")
+        if not os.path.isfile(f):
+            raise DataError(f"{f}: not a regular file; pretraining text must be files")
+        if not _is_pretrain_file(f):
             raise DataError(f"{f}: unsupported file type; pretraining text must be a "
-                            f"{', '.join(PRETRAIN_SUFFIXES)} file or a folder of them")
+                            f"{', '.join(PRETRAIN_SUFFIXES)} file or a folder of them"
+                            + "".join(f"; {hint}" for hint in _how_to_read([f])))
+        if not os.access(f, os.R_OK):
+            raise DataError(f"{f}: not readable (permission denied); check the file's permissions")
         if os.path.getsize(f) == 0:
             raise DataError(f"{f}: file is empty")
-        if f.endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
+        if f.lower().endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
             raise DataError(f"{f}: reading .parquet needs pyarrow, which is not installed (pip install pyarrow)")
     return files
 
@@ -184,7 +286,8 @@ def read_pretrain_texts(path: str) -> Iterator[str]:
 
     def docs():
         for f in files:
-            reader = _read_txt if f.endswith(".txt") else _read_text_jsonl if f.endswith(".jsonl") else _read_parquet
+            suffix = os.path.splitext(f)[1].lower()
+            reader = {".txt": _read_txt, ".jsonl": _read_text_jsonl, ".parquet": _read_parquet}[suffix]
             n = 0
             for doc in reader(f):
                 n += 1

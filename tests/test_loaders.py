@@ -1,5 +1,6 @@
 """Batch loaders: token-window determinism and resume, SFT padding/masking/truncation, DPO layout."""
 import io
+import json
 
 import numpy as np
 import pytest
@@ -161,6 +162,38 @@ def test_malformed_meta_json_is_a_clear_error(tmp_path):
         TokenWindowLoader(str(tmp_path / "train.bin"), 1, 4)
 
 
+def _prepared_tokens(folder, tok, **meta):
+    folder.mkdir(exist_ok=True)
+    write_tokens(str(folder / "train.bin"), [np.arange(300) % tok.vocab_size], vocab_size=tok.vocab_size)
+    (folder / "meta.json").write_text(json.dumps({"dtype": "uint16", "train_tokens": 300, **meta}))
+    return str(folder / "train.bin")
+
+
+def test_a_token_file_of_its_own_tokenizer_loads(tok, tmp_path):
+    path = _prepared_tokens(tmp_path / "d", tok, vocab_size=tok.vocab_size, tokenizer_fingerprint=tok.fingerprint)
+    assert TokenWindowLoader(path, 1, 4, tokenizer=tok).num_tokens == 300
+
+
+def test_a_token_file_written_by_another_tokenizer_is_refused_naming_the_folder(tok, tmp_path):
+    path = _prepared_tokens(tmp_path / "d", tok, vocab_size=tok.vocab_size, tokenizer_fingerprint="0123456789abcdef")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'd'}: its token files were written by another tokenizer "
+                                        rf"\(meta.json: vocab 320, fingerprint 0123456789abcdef\).*prepare .* again"):
+        TokenWindowLoader(path, 1, 4, tokenizer=tok)
+
+
+def test_a_token_file_recording_another_vocab_size_is_refused(tok, tmp_path):
+    path = _prepared_tokens(tmp_path / "d", tok, vocab_size=4096)
+    with pytest.raises(DataError, match="written by a tokenizer of 4096 tokens"):
+        TokenWindowLoader(path, 1, 4, tokenizer=tok)
+
+
+def test_a_token_file_without_a_recorded_tokenizer_is_refused_for_ids_past_the_vocab(tok, tmp_path):
+    path = str(tmp_path / "train.bin")
+    write_tokens(path, [np.arange(400)], vocab_size=1000)
+    with pytest.raises(DataError, match=r"train\.bin: holds token id 399, past the 320 tokens of"):
+        TokenWindowLoader(path, 1, 4, tokenizer=tok)
+
+
 def test_eval_batches_split_a_fixed_set_evenly_between_ranks(tmp_path):
     path = str(tmp_path / "val.bin")
     write_tokens(path, [np.arange(5000)], vocab_size=5000)  # token value == position
@@ -271,6 +304,35 @@ def test_dpo_batch_stacks_chosen_rows_then_rejected_rows(tok):
 
 def test_dpo_pair_is_dropped_when_either_response_is_cut_entirely(tok):
     pairs = [_pair("Colour?", "Red.", "Blue."), _pair("colour " * 60, "Red.", "Blue.")]
-    encoded, n_truncated = encode_dpo(tok, pairs, max_seq_len=40)
-    assert len(encoded) == 1 and n_truncated == 1
+    encoded, counts = encode_dpo(tok, pairs, max_seq_len=40)
+    assert len(encoded) == 1 and counts == {"truncated": 1, "no_reply": 1, "identical": 0, "identical_cut": 0}
     assert set(encoded[0]) == {"chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask"}
+
+
+def test_dpo_pairs_that_differ_only_after_the_cut_are_dropped_and_counted(tok):
+    shared = "Mia has red kites and Tom asked what colour the kite is. " * 4
+    pairs = [_pair("Colour?", shared + "Red.", shared + "Blue."), _pair("Colour?", "Red.", "Blue.")]
+    encoded, counts = encode_dpo(tok, pairs, max_seq_len=40)
+    assert counts == {"truncated": 1, "no_reply": 0, "identical": 0, "identical_cut": 1}
+    assert len(encoded) == 1 and len(encoded[0]["chosen_ids"]) < 40  # the short pair is the one kept
+    encoded, counts = encode_dpo(tok, pairs, max_seq_len=200)  # a context long enough to see them differ
+    assert len(encoded) == 2 and counts["identical_cut"] == 0
+
+
+def test_dpo_pairs_with_identical_replies_are_dropped_and_counted(tok):
+    pairs = [_pair("Colour?", "Red.", "Red."), _pair("Colour?", "Red.", "Blue.")]
+    encoded, counts = encode_dpo(tok, pairs, max_seq_len=64)
+    assert len(encoded) == 1 and counts["identical"] == 1 and counts["identical_cut"] == 0
+
+
+def test_dpo_with_every_pair_identical_within_the_cut_says_to_raise_max_seq_len(tok):
+    shared = "Mia has red kites and Tom asked what colour the kite is. " * 4
+    pairs = [_pair("Colour?", shared + "Red.", shared + "Blue."), _pair("Kites?", shared + "Two.", shared + "One.")]
+    with pytest.raises(DataError, match=r"pairs\.jsonl: no DPO pair is left to train on within max_seq_len=40 "
+                                        r"\(2 differ only after it\); raise --max_seq_len"):
+        encode_dpo(tok, pairs, max_seq_len=40, source="pairs.jsonl")
+
+
+def test_dpo_with_only_identical_replies_says_to_fix_the_data(tok):
+    with pytest.raises(DataError, match=r"\(1 have the same chosen and rejected reply\); fix the data"):
+        encode_dpo(tok, [_pair("Colour?", "Red.", "Red.")], max_seq_len=64)

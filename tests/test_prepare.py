@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import run_main
-from data import prepare
+from data import cache, prepare
 from data.corpus import build_corpus
 from data.readers import DataError, read_dpo_jsonl, read_sft_jsonl
 from data.tokenizer import load_tokenizer
@@ -64,10 +64,10 @@ def test_prepared_chat_files_read_back_with_the_readers(tiny_prepared):
 
 def test_ensure_prepared_prepares_only_when_meta_is_missing(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "emb")
-    prepare.ensure_prepared(out, vocab_size=300, quiet=True, **TINY)
+    cache.ensure_prepared(out, vocab_size=300, quiet=True, **TINY)
     assert "preparing the embedded default data in" in capsys.readouterr().out
     monkeypatch.setattr(prepare, "prepare_default", lambda *a, **k: pytest.fail("prepared twice"))
-    assert prepare.ensure_prepared(out) == out
+    assert cache.ensure_prepared(out) == out
 
 
 def test_ensure_prepared_regenerates_a_corpus_made_by_other_corpus_code(tmp_path, monkeypatch, capsys):
@@ -75,14 +75,14 @@ def test_ensure_prepared_regenerates_a_corpus_made_by_other_corpus_code(tmp_path
     prepare.prepare_default(out, vocab_size=300, quiet=True, **TINY)
     meta_path = os.path.join(out, "meta.json")
     meta = json.load(open(meta_path))
-    assert meta["source"]["corpus_fingerprint"] == prepare.corpus_fingerprint()
+    assert meta["source"]["corpus_fingerprint"] == cache.corpus_fingerprint()
     meta["source"]["corpus_fingerprint"] = "0123456789abcdef"  # as if data/corpus.py changed since
     with open(meta_path, "w") as f:
         json.dump(meta, f)
-    prepare.ensure_prepared(out, quiet=True)
+    cache.ensure_prepared(out, quiet=True)
     assert "regenerating" in capsys.readouterr().out
     again = json.load(open(meta_path))
-    assert again["source"] == {**meta["source"], "corpus_fingerprint": prepare.corpus_fingerprint()}
+    assert again["source"] == {**meta["source"], "corpus_fingerprint": cache.corpus_fingerprint()}
     assert again["vocab_size"] == meta["vocab_size"]  # made again with the same arguments
 
 
@@ -155,7 +155,8 @@ def test_prepare_cli_bad_input_exits_1_with_one_clear_line(tmp_path):
 @pytest.mark.parametrize("flag, value, rule", [
     ("--vocab_size", "260", "an integer >= 261 and <= 4294967296"),
     ("--num_threads", "0", "an integer >= 1"),
-    ("--seed", "-1", "an integer >= 0"),
+    ("--seed", "-1", "an integer >= 0 and <= 18446744073709551615"),
+    ("--seed", str(2**70), "an integer >= 0 and <= 18446744073709551615"),
     ("--val_fraction", "0", "a number > 0 and <= 0.5"),
     ("--val_fraction", "0.6", "a number > 0 and <= 0.5"),
     ("--val_max_tokens", "0", "an integer >= 1"),
@@ -183,4 +184,24 @@ def test_prepare_cli_names_an_unsupported_file_type_and_the_accepted_ones(tmp_pa
     r = run_main("data/prepare.py", "--pretrain_path", str(tmp_path / "good.csv"), "--out_dir", str(tmp_path / "o"))
     assert r.returncode == 1
     assert "good.csv: unsupported file type; pretraining text must be a .txt, .jsonl, .parquet file" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_cli_names_the_files_of_a_folder_it_would_not_read(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one document\n\nanother")
+    (folder / "more.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    r = run_main("data/prepare.py", "--pretrain_path", str(folder), "--out_dir", str(tmp_path / "o"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "more.jsonl.gz" in r.stderr and ".txt, .jsonl, .parquet" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_cli_names_the_file_and_line_of_a_lone_surrogate(tmp_path):
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"text": "fine"}\n{"text": "bad \\ud800"}\n')
+    r = run_main("data/prepare.py", "--pretrain_path", str(src), "--out_dir", str(tmp_path / "o"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: {src}:2: a lone UTF-16 surrogate") and r.stderr.count("\n") == 1
     assert not (tmp_path / "o").exists()

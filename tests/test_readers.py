@@ -1,6 +1,7 @@
 """Readers for real data: accepted formats, and one clear DataError (file:line) per bad input."""
 import importlib.util
 import json
+import os
 import sys
 
 import pytest
@@ -37,7 +38,6 @@ def test_jsonl_text_records_skip_blank_lines(tmp_path):
 def test_directory_reads_supported_files_in_sorted_order_skipping_hidden(tmp_path):
     _jsonl(tmp_path / "b.jsonl", [{"text": "from b"}])
     (tmp_path / "a.txt").write_text("from a", encoding="utf-8")
-    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "part.txt").write_text("from c/part", encoding="utf-8")
     (tmp_path / ".cache").mkdir()
@@ -110,7 +110,133 @@ def test_pretrain_jsonl_of_sft_records_says_it_is_sft_data(tmp_path):
 
 def test_pretrain_folder_without_data_files_is_neither_prepared_nor_raw_text(tmp_path):
     (tmp_path / "notes.md").write_text("hello")
-    assert "neither a prepared data directory (no meta.json) nor a folder of .txt" in _pretrain_error(str(tmp_path))
+    (tmp_path / "docs.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    msg = _pretrain_error(str(tmp_path))
+    assert "neither a prepared data directory (no meta.json) nor a folder of .txt, .jsonl, .parquet" in msg
+    assert "docs.gz, notes.md" in msg
+
+
+def test_pretrain_folder_with_files_of_other_kinds_names_them_instead_of_skipping_them(tmp_path):
+    (tmp_path / "a.txt").write_text("read")
+    (tmp_path / "b.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00")
+    (tmp_path / "sub").mkdir()
+    _jsonl(tmp_path / "sub" / "c.json", [{"text": "one object per line"}])
+    msg = _pretrain_error(str(tmp_path))
+    assert "2 file(s) are not pretraining text, which is read from .txt, .jsonl, .parquet files only" in msg
+    assert "b.jsonl.gz, sub/c.json" in msg
+    assert "gunzip" in msg and "is a .jsonl file: rename it" in msg
+
+
+def test_pretrain_folder_lists_at_most_five_other_files_and_counts_the_rest(tmp_path):
+    (tmp_path / "a.txt").write_text("read")
+    for i in range(8):
+        (tmp_path / f"part{i}.csv").write_text("x")
+    assert "part0.csv, part1.csv, part2.csv, part3.csv, part4.csv and 3 more" in _pretrain_error(str(tmp_path))
+
+
+def test_pretrain_folder_reads_upper_case_suffixes(tmp_path):
+    (tmp_path / "A.TXT").write_text("shouting")
+    _jsonl(tmp_path / "b.JSONL", [{"text": "also read"}])
+    assert list(read_pretrain_texts(str(tmp_path))) == ["shouting", "also read"]
+
+
+def test_pretrain_folder_follows_a_symlinked_subfolder(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.txt").write_text("through the link")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("direct")
+    (tmp_path / "corpus" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert list(read_pretrain_texts(str(tmp_path / "corpus"))) == ["direct", "through the link"]
+
+
+def test_pretrain_folder_with_a_symlink_cycle_reads_each_file_once(tmp_path):
+    (tmp_path / "a.txt").write_text("once")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("also once")
+    (tmp_path / "sub" / "up").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "sub" / "again.txt").symlink_to(tmp_path / "a.txt")
+    assert sorted(read_pretrain_texts(str(tmp_path))) == ["also once", "once"]
+
+
+def test_pretrain_folder_with_a_broken_symlink_names_it(tmp_path):
+    (tmp_path / "a.txt").write_text("fine")
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "missing.txt")
+    assert "gone.txt: a symbolic link to" in _pretrain_error(str(tmp_path))
+
+
+def test_pretrain_folder_holding_a_prepared_directory_names_it(tmp_path):
+    (tmp_path / "a.txt").write_text("raw")
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "meta.json").write_text("{}")
+    (tmp_path / "prepared" / "sft_train.jsonl").write_text("{}\n")
+    assert "prepared: a prepared data directory inside the folder of raw text" in _pretrain_error(str(tmp_path))
+
+
+def test_pretrain_folder_with_a_subfolder_it_cannot_list_names_it(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("fine")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "b.txt").write_text("unseen")
+    scandir = os.scandir
+
+    def denied(path="."):  # root may list any folder; fail as a user would
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    assert "locked: cannot list this folder (Permission denied)" in _pretrain_error(str(tmp_path))
+
+
+def test_pretrain_unreadable_file_names_it(tmp_path, monkeypatch):
+    from data import readers
+
+    (tmp_path / "a.txt").write_text("secret")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(readers, "open", denied, raising=False)  # root may read any file; fail as a user would
+    assert "a.txt: cannot be read (Permission denied)" in _pretrain_error(str(tmp_path / "a.txt"))
+
+
+def test_pretrain_gzip_file_named_as_text_says_to_decompress_it(tmp_path):
+    import gzip
+
+    (tmp_path / "a.jsonl").write_bytes(gzip.compress(b'{"text": "packed"}\n'))
+    assert "a.jsonl: is gzip-compressed; decompress it first" in _pretrain_error(str(tmp_path / "a.jsonl"))
+
+
+def test_pretrain_jsonl_lone_surrogate_names_file_line_and_key(tmp_path):
+    p = _jsonl(tmp_path / "a.jsonl", [{"text": "fine"}, '{"text": "bad \\ud800 here"}'])
+    msg = _pretrain_error(p)
+    assert "a.jsonl:2: a lone UTF-16 surrogate" in msg and "in 'text'" in msg and "fix or remove" in msg
+
+
+def test_pretrain_jsonl_surrogate_pair_is_one_character(tmp_path):
+    p = _jsonl(tmp_path / "a.jsonl", ['{"text": "smile \\ud83d\\ude00"}'])
+    assert list(read_pretrain_texts(p)) == ["smile \U0001F600"]
+
+
+def test_pretrain_jsonl_that_python_cannot_parse_names_file_and_line(tmp_path):
+    p = _jsonl(tmp_path / "a.jsonl", [{"text": "ok"}, "[" * 100_000, '{"text": ' + "1" * 5000 + "}"])
+    assert "a.jsonl:2: JSON that Python cannot read (nested too deeply)" in _pretrain_error(p)
+    p = _jsonl(tmp_path / "b.jsonl", [{"text": "ok"}, '{"text": ' + "1" * 5000 + "}"])
+    assert "b.jsonl:2: JSON that Python cannot read" in _pretrain_error(p)
+
+
+def test_parquet_that_is_not_parquet_names_the_file(tmp_path):
+    assert HAS_PYARROW, "pyarrow is in requirements.txt"
+    (tmp_path / "a.parquet").write_bytes(b"PAR1 not really a parquet file")
+    assert "a.parquet: cannot read as parquet" in _pretrain_error(str(tmp_path / "a.parquet"))
+
+
+def test_parquet_without_a_text_column_names_the_columns(tmp_path):
+    assert HAS_PYARROW, "pyarrow is in requirements.txt"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["doc"]}), tmp_path / "a.parquet")
+    assert "a.parquet: no 'text' column (columns: content)" in _pretrain_error(str(tmp_path / "a.parquet"))
 
 
 def test_pretrain_folder_of_prepared_files_without_meta_json_says_so(tmp_path):
@@ -163,6 +289,9 @@ SFT_BAD = {
                      "s.jsonl:2: conversations[0] has unknown role 'human'"),
     "no_assistant_turn": ({"conversations": [{"role": "user", "content": "q"}]}, "s.jsonl:2: conversation has no assistant turn"),
     "empty_conversation": ({"conversations": []}, "s.jsonl:2: 'conversations' must be a non-empty list"),
+    "lone_surrogate": ({"conversations": _convo("Red \ud800.")},
+                       "s.jsonl:2: a lone UTF-16 surrogate .* in 'conversations[1].content'"),
+    "lone_surrogate_in_a_kept_key": ({"conversations": _convo(), "id": "\udfff"}, "s.jsonl:2: a lone UTF-16 surrogate"),
 }
 
 
@@ -227,6 +356,8 @@ DPO_BAD = {
     "ends_with_user": ({"chosen": _convo()[:1], "rejected": _convo()[:1]}, "d.jsonl:2: 'chosen' must end with an assistant turn"),
     "different_prompts": ({"chosen": _convo(), "rejected": [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "x"}]},
                           "d.jsonl:2: 'chosen' and 'rejected' must share the same prompt"),
+    "lone_surrogate": ({"prompt": "Colour?", "chosen": "Red \udc00", "rejected": "Blue."},
+                       "d.jsonl:2: a lone UTF-16 surrogate .* in 'chosen'"),
 }
 
 

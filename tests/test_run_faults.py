@@ -276,13 +276,21 @@ def test_dpo_pairs_with_identical_replies_are_counted_in_a_warning(data_dir, fin
               "rejected": f"Yes, {n} is more."} for n in range(6)]
     pairs += [{"prompt": "Say hi.", "chosen": "Hi.", "rejected": "Hi."},
               {"prompt": "Say bye.", "chosen": "Bye.", "rejected": "Bye."}]
+    # replies that part only past the model's 128 tokens: cut there, they are the same reply
+    story = "The kite that Mia flew over the hill was red, and so was the one before it. " * 12
+    pairs += [{"prompt": f"Tell me of kite {n}.", "chosen": story + "It was red.", "rejected": story + "It was blue."}
+              for n in range(3)]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    # the same file as validation set, so all 8 pairs are training pairs
+    # the same file as validation set, so all 11 pairs are training pairs
     r = run("dpo", path, tmp_path / "out", "--init_from", str(finished / "sft.pt"), "--val_path", str(path),
             "--max_steps", "1", "--eval_interval", "1")
     warnings = [line for line in r.stdout.splitlines() if line.startswith("warning:")]
-    assert any("2 of 8 pairs" in line and "identical" in line for line in warnings), r.stdout[-2000:]
+    assert any("2 of 11 pairs" in line and "identical" in line and "dropped" in line for line in warnings), \
+        r.stdout[-2000:]
+    assert any("3 of 11 pairs differ only after max_seq_len=128" in line and "raise --max_seq_len" in line
+               for line in warnings), r.stdout[-2000:]
+    assert "6 pairs kept" in r.stdout
 
 
 def test_a_second_sigterm_stops_a_run_whose_next_logged_step_is_far_away(data_dir, tmp_path):
