@@ -326,6 +326,10 @@ def check_resume(ckpt: dict, path: str, stage: str, args, total_steps: int):
     if ckpt.get("stage") != stage or "step" not in ckpt:
         die(f"{path} is a {ckpt.get('stage', 'foreign')!r} checkpoint, not {stage!r}: --resume continues this "
             f"stage's own checkpoint; start a new {stage} run with --init_from {path}")
+    missing = [k for k in ("args", "muon_opt", "adamw_opt", "data", "rng", "world_size") if k not in ckpt]
+    if missing:
+        die(f"{path} has no {missing}: a checkpoint of another version of these scripts cannot be resumed; "
+            f"start a new {stage} run with --init_from {path}")
     if ckpt["args"]["optimizer"] != args.optimizer:
         die(f"{path} was trained with --optimizer {ckpt['args']['optimizer']}; resume with the same")
     if ckpt["step"] > total_steps:
