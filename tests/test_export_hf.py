@@ -293,6 +293,16 @@ def test_command_line_export_writes_the_hf_files(tok, tmp_path):
         assert json.load(f)["eos_token_id"] == tok.eos_id  # a pretrained model's documents end at <|endoftext|>
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+def test_only_a_chat_models_export_claims_a_chat_template_and_each_records_its_stage(tok, tmp_path, stage):
+    path, _ = make_checkpoint(tmp_path / "ckpt", tok, stage=stage)
+    export(path, str(tmp_path / "hf"))
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert (hf_tok.chat_template is not None) == (stage != "pretrain")
+    assert hf_tok.eos_token == ("<|endoftext|>" if stage == "pretrain" else "<|im_end|>")
+    assert load_hf_checkpoint(str(tmp_path / "hf"))["stage"] == stage
+
+
 def test_one_sft_step_runs_from_an_exported_directory(hf_dir, tmp_path):
     data = tmp_path / "sft.jsonl"
     with open(data, "w") as f:
