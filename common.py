@@ -574,8 +574,9 @@ def load_checkpoint_tokenizer(ckpt: dict, path: str, fallback_dir: str | None = 
                 return load_tokenizer(candidate)
             except (ValueError, RuntimeError, FileNotFoundError) as e:
                 die(str(e))
-    die(f"{path}: its tokenizer {recorded} does not exist; pass the data directory it was prepared in "
-        f"as --data_path (or --tokenizer to sample.py)")
+    what = f"its tokenizer {recorded} does not exist" if recorded else "it records no tokenizer"
+    die(f"{path}: {what}; pass the data directory it was prepared in as --data_path (or --tokenizer to "
+        f"sample.py and export_hf.py)")
 
 
 @torch.no_grad()

@@ -237,6 +237,10 @@ def load_hf_checkpoint(path: str) -> dict:
     (byte-level BPE with <|bos|>, <|endoftext|>, <|im_start|>, <|im_end|>, <|pad|>)."""
     if not os.path.isdir(path):
         raise HFImportError(f"{path} is not a directory")
+    checkpoints = sorted(n for n in os.listdir(path) if n.endswith(".pt"))
+    if checkpoints and not os.path.exists(os.path.join(path, "config.json")):
+        raise HFImportError(f"{path} is a directory of checkpoints, not a Hugging Face model directory (no "
+                            f"config.json); give one of them, e.g. {os.path.join(path, checkpoints[-1])}")
     config = read_json(path, "config.json")
     where = os.path.join(path, "config.json")
     model_config = model_config_from_hf(config, where)

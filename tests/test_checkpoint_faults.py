@@ -3,6 +3,7 @@ of these scripts (a key missing, a model_config field unknown or missing, weight
 config), or one whose weights hold NaN or inf. Every reader (sample.py, export_hf.py, a stage's
 --init_from or --resume) stops with one `error:` line naming the checkpoint, and no file changes."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -155,3 +156,13 @@ def test_resuming_a_checkpoint_of_another_version_without_optimizer_state_stops_
     err = one_error(run_main(*run, "--max_steps", "2", "--resume"))
     assert "pretrain.pt" in err and "'rng'" in err and "--init_from" in err
     assert tree_bytes(out) == before
+
+
+def test_a_checkpoint_that_records_no_tokenizer_takes_the_one_beside_it_or_says_so(data_dir, tmp_path):
+    path = checkpoint(tmp_path / "ckpts" / "pretrain.pt", data_dir, edit=lambda ckpt: ckpt.pop("tokenizer_path"))
+    flags = ["--ckpt", path, "--prompt", "Mia", "--max_new_tokens", "2", "--device", "cpu"]
+    err = one_error(run_main("sample.py", *flags))
+    assert path in err and "records no tokenizer" in err and "--tokenizer" in err
+    shutil.copy(os.path.join(data_dir, "tokenizer.json"), tmp_path / "ckpts")  # a checkpoint copied with its tokenizer
+    r = run_main("sample.py", *flags)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -372,6 +372,17 @@ def test_force_refuses_a_directory_of_export_file_names_without_the_exports_reco
     assert tree_bytes(out) == {"tokenizer.json": b"{}"}
 
 
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_export_to_a_path_that_cannot_be_a_directory_stops_with_one_line_and_writes_nothing(tok, tmp_path, capsys,
+                                                                                           where):
+    path, _ = make_checkpoint(tmp_path / "ckpt", tok)
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" if where == "a file" else tmp_path / "notes.txt" / "hf"
+    before = tree_bytes(tmp_path)
+    assert "notes.txt" in dies_with(capsys, export, path, str(out))
+    assert tree_bytes(tmp_path) == before
+
+
 def test_export_of_a_missing_checkpoint_writes_nothing(tmp_path, capsys):
     err = dies_with(capsys, export, str(tmp_path / "nope.pt"), str(tmp_path / "hf"))
     assert "nope.pt" in err and "does not exist" in err

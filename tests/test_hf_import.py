@@ -197,3 +197,17 @@ def test_every_script_reports_a_refused_directory_in_one_line(qwen3, tmp_path, s
     assert not os.path.exists(tmp_path / "hf")
     with pytest.raises(SystemExit):
         load_checkpoint(d)
+
+
+def test_a_shard_index_naming_a_missing_shard_is_refused_naming_it(qwen3, tmp_path):
+    def index(d):
+        with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+            json.dump({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}, f)
+    assert "model-00002-of-00002.safetensors: could not be read" in import_error(qwen3, tmp_path, index)
+
+
+def test_a_directory_of_checkpoints_given_as_a_model_directory_names_a_checkpoint_in_it(tmp_path):
+    (tmp_path / "pretrain.pt").write_bytes(b"")
+    (tmp_path / "sft.pt").write_bytes(b"")
+    with pytest.raises(HFImportError, match="a directory of checkpoints.*give one of them, e.g. .*sft.pt"):
+        load_hf_checkpoint(str(tmp_path))
