@@ -293,8 +293,8 @@ def check_checkpoint_model(ckpt: dict, path: str):
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown, missing = sorted(cfg.keys() - fields), sorted(fields - cfg.keys())
     if unknown or missing:
-        what = " and ".join([f"fields {unknown} this model.py does not know"] * bool(unknown) +
-                            [f"no {missing}"] * bool(missing))
+        what = (f"fields {unknown} this model.py does not know" if unknown else "") + \
+            (" and " if unknown and missing else "") + (f"no {missing}" if missing else "")
         die(f"{path}: its model_config has {what}: a checkpoint of another version of these scripts; "
             f"use the version that wrote it")
     try:
@@ -305,13 +305,14 @@ def check_checkpoint_model(ckpt: dict, path: str):
         shapes = {k: v.shape for k, v in GPT(config).state_dict().items()}
     missing, unknown = sorted(shapes.keys() - state.keys()), sorted(state.keys() - shapes.keys())
     if missing or unknown:
-        what = " and ".join([f"lack {missing[:3]} ({len(missing)} missing)"] * bool(missing) +
-                            [f"have {unknown[:3]} ({len(unknown)} unknown)"] * bool(unknown))
+        what = (f"lack {missing[:3]} ({len(missing)} missing)" if missing
+                else f"have {unknown[:3]} ({len(unknown)} unknown)")
         die(f"{path}: its weights {what} for its model_config: a damaged checkpoint or one of another version")
     for name, shape in shapes.items():
         t = state[name]
         if not torch.is_tensor(t) or not t.is_floating_point() or t.shape != shape:
-            have = f"shape {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" if torch.is_tensor(t) else type(t).__name__
+            have = (f"shape {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" if torch.is_tensor(t)
+                    else type(t).__name__)
             die(f"{path}: {name} is {have}, but its model_config implies a float tensor of shape {tuple(shape)}: "
                 f"a damaged checkpoint or one of another version")
     bad = [name for name, t in state.items() if not torch.isfinite(t).all()]

@@ -84,7 +84,8 @@ def model_config_from_hf(config: dict, where: str) -> dict:
     architectures = config.get("architectures") or ["Qwen3ForCausalLM"]
     if config.get("model_type") != "qwen3" or architectures != ["Qwen3ForCausalLM"]:
         raise HFImportError(f"{where}: model_type {config.get('model_type')!r}, architectures "
-                            f"{config.get('architectures')}; only a Qwen3ForCausalLM (model_type 'qwen3') can be imported")
+                            f"{config.get('architectures')}; only a Qwen3ForCausalLM (model_type 'qwen3') "
+                            f"can be imported")
     unknown = sorted(config.keys() - MODEL_FIELDS - METADATA_FIELDS - SLIDING_WINDOW_FIELDS)
     if unknown:
         raise HFImportError(f"{where}: {', '.join(unknown)} is not a Qwen3ForCausalLM field, and our model cannot tell "
@@ -115,18 +116,22 @@ def model_config_from_hf(config: dict, where: str) -> dict:
     layer_types = config.get("layer_types") or []
     unsupported = {
         "head_dim": (head_dim != hidden / heads,
-                     f"is {head_dim}, but our model's head_dim is hidden_size / num_attention_heads = {hidden / heads:g}"),
+                     f"is {head_dim}, but our model's head_dim is hidden_size / num_attention_heads = "
+                     f"{hidden / heads:g}"),
         "attention_bias": (bool(config.get("attention_bias")), "is true; our attention has no biases"),
         "attention_dropout": (config.get("attention_dropout", 0.0) not in (0, 0.0, None),
-                              f"is {config.get('attention_dropout')!r}; our attention has no dropout of its own (set it to 0.0)"),
+                              f"is {config.get('attention_dropout')!r}; our attention has no dropout of its own "
+                              f"(set it to 0.0)"),
         "hidden_act": (config.get("hidden_act", "silu") != "silu",
                        f"is {config.get('hidden_act')!r}; our MLP is SwiGLU (silu)"),
         "rope_scaling": (config.get("rope_scaling") is not None,
                          f"is {config.get('rope_scaling')}; our RoPE is unscaled"),
-        "rope_parameters": (rope.get("rope_type", "default") != "default" or bool(rope.keys() - {"rope_type", "rope_theta"}),
+        "rope_parameters": (rope.get("rope_type", "default") != "default"
+                            or bool(rope.keys() - {"rope_type", "rope_theta"}),
                             f"is {rope}; our RoPE is the default (unscaled) one, with rope_theta alone"),
         "rope_theta": ("rope_theta" in config and config["rope_theta"] != rope_theta,
-                       f"is {config.get('rope_theta')} but rope_parameters has rope_theta {rope_theta}; make them agree"),
+                       f"is {config.get('rope_theta')} but rope_parameters has rope_theta {rope_theta}; "
+                       f"make them agree"),
         "use_sliding_window": (bool(config.get("use_sliding_window")), "is true; our attention is full (causal)"),
         "layer_types": (not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types),
                         f"is {layer_types}; our attention is full in every layer"),
@@ -163,7 +168,8 @@ def read_hf_weights(path: str) -> dict:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
     except ImportError:
-        raise HFImportError(f"{path}: reading a Hugging Face directory needs safetensors: pip install safetensors") from None
+        raise HFImportError(f"{path}: reading a Hugging Face directory needs safetensors: "
+                            f"pip install safetensors") from None
 
     if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
         weight_map = read_json(path, "model.safetensors.index.json").get("weight_map")
@@ -198,7 +204,8 @@ def state_dict_from_hf(tensors: dict, model_config: dict, path: str) -> dict:
         hint = "; set tie_word_embeddings to true in config.json" if missing == {"lm_head.weight"} else ""
         raise HFImportError(f"{path}: weights lack {sorted(missing)[:3]} ({len(missing)} missing){hint}")
     if unexpected:
-        raise HFImportError(f"{path}: weights {sorted(unexpected)[:3]} have no place in our model ({len(unexpected)} such)")
+        raise HFImportError(f"{path}: weights {sorted(unexpected)[:3]} have no place in our model "
+                            f"({len(unexpected)} such)")
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in GPT(ModelConfig(**model_config)).state_dict().items()}
     state = {}
@@ -208,7 +215,8 @@ def state_dict_from_hf(tensors: dict, model_config: dict, path: str) -> dict:
             raise HFImportError(f"{path}: {theirs} is {str(t.dtype).removeprefix('torch.')}; only float32, bfloat16, "
                                 f"float16 or float64 weights are read (save the model unquantized)")
         if t.shape != shapes[ours]:
-            raise HFImportError(f"{path}: {theirs} has shape {tuple(t.shape)}, config.json implies {tuple(shapes[ours])} "
+            raise HFImportError(f"{path}: {theirs} has shape {tuple(t.shape)}, config.json implies "
+                                f"{tuple(shapes[ours])} "
                                 f"(vocab_size, hidden_size, heads or intermediate_size mismatch)")
         state[ours] = t.to(torch.float32)
         if not torch.isfinite(state[ours]).all():
