@@ -7,6 +7,7 @@ repeat word for word.
 """
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -19,6 +20,8 @@ import torch
 import torch.distributed as dist
 
 from data.prepare import bounded
+from hf_import import HFImportError, load_hf_checkpoint
+from model import GPT, ModelConfig
 
 # A run stopped by Ctrl-C or SIGTERM saves its checkpoint and exits with this status (EX_TEMPFAIL:
 # "try again"), so a scheduler can tell a pre-empted, resumable run from a finished one (0).
@@ -250,14 +253,19 @@ def save_checkpoint(path: str, ckpt: dict):
 
 
 CHECKPOINT_KEYS = ("model", "model_config")
+# model_config fields newer than some checkpoints, with the value those checkpoints' models had
+LATER_MODEL_CONFIG_FIELDS = {"norm_weights": True}
 
 
 def load_checkpoint(path: str) -> dict:
     """A checkpoint of this project (weights_only: nothing in it runs code), or a Hugging Face
-    Qwen3 directory (export_hf.py reads it into the same form)."""
+    Qwen3 directory (hf_import reads it into the same form). Either way its model_config builds a
+    model.py GPT whose state dict its weights fill exactly, with finite values (check_checkpoint_model)."""
     if os.path.isdir(path):
-        from export_hf import load_hf_checkpoint
-        return load_hf_checkpoint(path)
+        try:
+            return load_hf_checkpoint(path)
+        except HFImportError as e:
+            die(str(e))
     if not os.path.exists(path):
         die(f"checkpoint {path} does not exist (train the previous stage first, or check the path)")
     try:
@@ -268,7 +276,49 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
         die(f"{path} is not a checkpoint of these scripts (a {type(ckpt).__name__} without "
             f"{' and '.join(CHECKPOINT_KEYS)}); for bare weights use export_hf.py's format or --init_from a checkpoint")
+    check_checkpoint_model(ckpt, path)
     return ckpt
+
+
+def check_checkpoint_model(ckpt: dict, path: str):
+    """Stop with one line unless ckpt's model_config is one this model.py builds (a field it lacks
+    only if LATER_MODEL_CONFIG_FIELDS gives its value, which is then filled in) and ckpt's weights
+    are exactly that model's, with finite values: a checkpoint of another version of these scripts,
+    a damaged one, or one of a run that diverged."""
+    cfg, state = ckpt["model_config"], ckpt["model"]
+    if not isinstance(cfg, dict) or not isinstance(state, dict):
+        die(f"{path}: model_config or model is not a dict; not a checkpoint of these scripts")
+    for name, value in LATER_MODEL_CONFIG_FIELDS.items():
+        cfg.setdefault(name, value)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown, missing = sorted(cfg.keys() - fields), sorted(fields - cfg.keys())
+    if unknown or missing:
+        what = (f"fields {unknown} this model.py does not know" if unknown else "") + \
+            (" and " if unknown and missing else "") + (f"no {missing}" if missing else "")
+        die(f"{path}: its model_config has {what}: a checkpoint of another version of these scripts; "
+            f"use the version that wrote it")
+    try:
+        config = ModelConfig(**cfg)
+    except (TypeError, ValueError) as e:
+        die(f"{path}: its model_config is not a model this model.py builds ({e})")
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in GPT(config).state_dict().items()}
+    missing, unknown = sorted(shapes.keys() - state.keys()), sorted(state.keys() - shapes.keys())
+    if missing or unknown:
+        what = (f"lack {missing[:3]} ({len(missing)} missing)" if missing
+                else f"have {unknown[:3]} ({len(unknown)} unknown)")
+        die(f"{path}: its weights {what} for its model_config: a damaged checkpoint or one of another version")
+    for name, shape in shapes.items():
+        t = state[name]
+        if not torch.is_tensor(t) or not t.is_floating_point() or t.shape != shape:
+            have = (f"shape {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" if torch.is_tensor(t)
+                    else type(t).__name__)
+            die(f"{path}: {name} is {have}, but its model_config implies a float tensor of shape {tuple(shape)}: "
+                f"a damaged checkpoint or one of another version")
+    bad = [name for name, t in state.items() if not torch.isfinite(t).all()]
+    if bad:
+        die(f"{path}: weights {bad[:3]} hold NaN or inf ({len(bad)} such): the run that wrote it diverged; "
+            f"use an earlier checkpoint or train again with lower learning rates")
 
 
 def check_resume(ckpt: dict, path: str, stage: str, args, total_steps: int):
@@ -277,6 +327,10 @@ def check_resume(ckpt: dict, path: str, stage: str, args, total_steps: int):
     if ckpt.get("stage") != stage or "step" not in ckpt:
         die(f"{path} is a {ckpt.get('stage', 'foreign')!r} checkpoint, not {stage!r}: --resume continues this "
             f"stage's own checkpoint; start a new {stage} run with --init_from {path}")
+    missing = [k for k in ("args", "muon_opt", "adamw_opt", "data", "rng", "world_size") if k not in ckpt]
+    if missing:
+        die(f"{path} has no {missing}: a checkpoint of another version of these scripts cannot be resumed; "
+            f"start a new {stage} run with --init_from {path}")
     if ckpt["args"]["optimizer"] != args.optimizer:
         die(f"{path} was trained with --optimizer {ckpt['args']['optimizer']}; resume with the same")
     if ckpt["step"] > total_steps:
@@ -525,8 +579,9 @@ def load_checkpoint_tokenizer(ckpt: dict, path: str, fallback_dir: str | None = 
                 return load_tokenizer(candidate)
             except (ValueError, RuntimeError, FileNotFoundError) as e:
                 die(str(e))
-    die(f"{path}: its tokenizer {recorded} does not exist; pass the data directory it was prepared in "
-        f"as --data_path (or --tokenizer to sample.py)")
+    what = f"its tokenizer {recorded} does not exist" if recorded else "it records no tokenizer"
+    die(f"{path}: {what}; pass the data directory it was prepared in as --data_path (or --tokenizer to "
+        f"sample.py and export_hf.py)")
 
 
 @torch.no_grad()

@@ -4,11 +4,13 @@
     python sample.py --ckpt out/sft.pt --prompt "Tom has a red kite. What colour is Tom's kite?"
     python sample.py --ckpt out/dpo.pt --chat                             # talk; Ctrl-D or "exit" ends
 
-A pretraining checkpoint continues the prompt as plain text after <|bos|>; an SFT or DPO
-checkpoint (or any checkpoint with --chat) gets the prompt as a user turn in the chat template
-and replies until <|im_end|>.
+A pretraining checkpoint (or a Hugging Face export of one) continues the prompt as plain text
+after <|bos|>; an SFT or DPO checkpoint (or any checkpoint with --chat) gets the prompt as a user
+turn in the chat template and replies until <|im_end|>. A prompt that leaves no room for a reply
+is refused with a non-zero exit (in --chat, at the end of the conversation).
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -50,7 +52,8 @@ def parse_args(argv=None):
 
 
 def stream_text(model, tok, ids, args, eos_id, device, ctx):
-    """Generate after `ids`, printing text as it comes; returns the generated ids (without eos).
+    """Generate after `ids`, printing text as it comes; returns the generated ids (without eos), or
+    None when `ids` fill the context and leave no room for one token.
 
     The whole generated list is decoded each time and only the new suffix printed: a character of
     several UTF-8 bytes can span tokens, and decoding token by token would print it broken. A
@@ -58,10 +61,8 @@ def stream_text(model, tok, ids, args, eos_id, device, ctx):
     """
     room = model.config.max_seq_len - len(ids)
     n = min(args.max_new_tokens, room)
-    if n < 1:
-        print(f"[the prompt has {len(ids)} tokens and fills the context (max_seq_len="
-              f"{model.config.max_seq_len}); shorten it]", file=sys.stderr)
-        return []
+    if n < 1:  # the caller refuses the prompt
+        return None
     if n < args.max_new_tokens and not args.chat:
         print(f"[max_new_tokens clamped to {n}: prompt ({len(ids)} tokens) + reply must fit in max_seq_len="
               f"{model.config.max_seq_len}]", file=sys.stderr)
@@ -92,7 +93,7 @@ def main():
     torch.manual_seed(args.seed)
 
     ckpt = load_checkpoint(args.ckpt)
-    tok = load_checkpoint_tokenizer(ckpt, args.ckpt, override=args.tokenizer)
+    tok = load_checkpoint_tokenizer(ckpt, args.ckpt, os.path.dirname(args.ckpt), override=args.tokenizer)
     if ckpt.get("tokenizer_fingerprint") not in (None, tok.fingerprint):
         die(f"{args.ckpt} was trained with another tokenizer than {tok.name}; leave out --tokenizer")
     model = GPT(ModelConfig(**ckpt["model_config"])).to(device)
@@ -100,18 +101,20 @@ def main():
     model.eval()
     stage = ckpt.get("stage", "pretrain")
     chat = args.chat or stage != "pretrain"
-    print(f"[{args.ckpt}: {stage} checkpoint, step {ckpt.get('step')}, {model.num_params() / 1e6:.2f}M parameters]",
-          file=sys.stderr)
+    step = f", step {ckpt['step']}" if ckpt.get("step") is not None else ""
+    print(f"[{args.ckpt}: {stage} checkpoint{step}, {model.num_params() / 1e6:.2f}M parameters]", file=sys.stderr)
     del ckpt
 
     if not args.chat:
         prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPTS["chat" if chat else "text"]
-        if chat:  # a fine-tuned model answers the prompt as a user turn
-            stream_text(model, tok, render_prompt(tok, [{"role": "user", "content": prompt}]), args,
-                        tok.im_end_id, device, ctx)
-        else:
+        # a fine-tuned model answers the prompt as a user turn
+        ids = render_prompt(tok, [{"role": "user", "content": prompt}]) if chat else [tok.bos_id] + tok.encode(prompt)
+        if len(ids) >= model.config.max_seq_len:
+            die(f"--prompt is {len(ids)} tokens{' in the chat template' if chat else ''}, which leaves no room for a "
+                f"reply in the context (max_seq_len={model.config.max_seq_len}); shorten it")
+        if not chat:
             print(prompt, end="")
-            stream_text(model, tok, [tok.bos_id] + tok.encode(prompt), args, tok.eos_id, device, ctx)
+        stream_text(model, tok, ids, args, tok.im_end_id if chat else tok.eos_id, device, ctx)
         return
 
     if stage == "pretrain":
@@ -119,7 +122,7 @@ def main():
     print(f"[chat: type a message; Ctrl-D, 'exit' or 'quit' ends. Replies stop at <|im_end|>, after "
           f"--max_new_tokens or at the context limit (max_seq_len={model.config.max_seq_len}); old turns are "
           f"dropped when the conversation outgrows it]", file=sys.stderr)
-    messages = []
+    messages, refused = [], 0
     while True:
         try:
             line = input("> ").strip()
@@ -137,10 +140,16 @@ def main():
             messages = messages[2:]
             ids = render_prompt(tok, messages)
         reply = stream_text(model, tok, ids, args, tok.im_end_id, device, ctx)
-        if not reply and len(ids) >= model.config.max_seq_len:
+        if reply is None:
+            print(f"[the message has {len(ids)} tokens and fills the context (max_seq_len="
+                  f"{model.config.max_seq_len}); shorten it]", file=sys.stderr)
             messages.pop()  # did not fit: forget it so the next message can
+            refused += 1
             continue
         messages.append({"role": "assistant", "content": tok.decode(reply)})
+    if refused:
+        die(f"{refused} message(s) did not fit the context (max_seq_len={model.config.max_seq_len}) and got no "
+            f"reply; shorten them")
 
 
 if __name__ == "__main__":

@@ -144,10 +144,12 @@ def main():
     if ckpt is not None:
         check_resume(ckpt, ckpt_path, STAGE, args, total_steps)
     try:
-        config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=args.hidden_size,
-                             num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
-                             num_key_value_heads=args.num_key_value_heads, max_seq_len=args.max_seq_len,
-                             norm_weights=args.norm_weights, tie_word_embeddings=args.tie_word_embeddings)
+        # a checkpoint's own shape (its rope_theta, intermediate_size, ... too); the flags checked equal above
+        config = ModelConfig(**(ckpt or init)["model_config"]) if (ckpt or init) else ModelConfig(
+            vocab_size=tok.vocab_size, hidden_size=args.hidden_size,
+            num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
+            num_key_value_heads=args.num_key_value_heads, max_seq_len=args.max_seq_len,
+            norm_weights=args.norm_weights, tie_word_embeddings=args.tie_word_embeddings)
     except ValueError as e:
         die(str(e))
     raw_model = GPT(config).to(device)

@@ -1,6 +1,6 @@
 """export_hf.py: a checkpoint becomes a Hugging Face Qwen3ForCausalLM directory that computes the
 same logits, generates the same tokens and tokenizes the same way, and such a directory reads back
-into our checkpoint dict; bad input stops with one clear message and writes nothing."""
+into our checkpoint dict (hf_import.py); bad input stops with one clear message and writes nothing."""
 import json
 import os
 
@@ -8,11 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import save_checkpoint
+from common import load_checkpoint, save_checkpoint
 from conftest import randomize, run_main
 from data.chat import render_prompt
 from data.tokenizer import load_tokenizer, train_tokenizer
-from export_hf import export, load_hf_checkpoint, weight_names
+from export_hf import export
+from hf_import import HFImportError, load_hf_checkpoint, weight_names
 from model import GPT, ModelConfig
 
 LOGITS_ATOL = 1e-4  # fp32, both sides on CPU: max |ours - HF| over every logit
@@ -249,7 +250,7 @@ def test_round_trip_gives_identical_weights_config_and_logits(exported):
     model, hf_dir, _ = exported
     ckpt = load_hf_checkpoint(hf_dir)
     # Qwen3's norms have gains: a model without them comes back with gains of one
-    assert ckpt["stage"] == "hf" and ckpt["model_config"] == {**vars(model.config), "norm_weights": True}
+    assert ckpt["stage"] == "sft" and ckpt["model_config"] == {**vars(model.config), "norm_weights": True}
     original = model.state_dict()
     gains = {k for k in ckpt["model"] if k.endswith("norm.weight")}
     assert ckpt["model"].keys() == original.keys() | gains and len(gains) == 4 * model.config.num_hidden_layers + 1
@@ -286,10 +287,20 @@ def test_command_line_export_writes_the_hf_files(tok, tmp_path):
     out = tmp_path / "hf"
     r = run_main("export_hf.py", "--ckpt", path, "--out_dir", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
+    assert sorted(os.listdir(out)) == ["config.json", "export_hf.json", "generation_config.json", "model.safetensors",
                                        "tokenizer.json", "tokenizer_config.json"]
     with open(out / "config.json") as f:
         assert json.load(f)["eos_token_id"] == tok.eos_id  # a pretrained model's documents end at <|endoftext|>
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+def test_only_a_chat_models_export_claims_a_chat_template_and_each_records_its_stage(tok, tmp_path, stage):
+    path, _ = make_checkpoint(tmp_path / "ckpt", tok, stage=stage)
+    export(path, str(tmp_path / "hf"))
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert (hf_tok.chat_template is not None) == (stage != "pretrain")
+    assert hf_tok.eos_token == ("<|endoftext|>" if stage == "pretrain" else "<|im_end|>")
+    assert load_hf_checkpoint(str(tmp_path / "hf"))["stage"] == stage
 
 
 def test_one_sft_step_runs_from_an_exported_directory(hf_dir, tmp_path):
@@ -310,16 +321,66 @@ def test_one_sft_step_runs_from_an_exported_directory(hf_dir, tmp_path):
 
 # ------------------------------------------------------------------------------- bad input
 
-def test_export_refuses_a_non_empty_out_dir_unless_forced(tok, tmp_path, capsys):
+def tree_bytes(root):
+    """Every file under root (relative path -> contents): a directory's state, byte for byte."""
+    return {os.path.relpath(os.path.join(d, n), root): read_bytes(os.path.join(d, n))
+            for d, _, names in os.walk(root) for n in names}
+
+
+def test_export_replaces_an_earlier_export_only_with_force(tok, tmp_path, capsys):
     path, _ = make_checkpoint(tmp_path / "ckpt", tok)
     out = tmp_path / "hf"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    export(path, str(out))
+    first = tree_bytes(out)
     assert "--force" in dies_with(capsys, export, path, str(out))
-    assert os.listdir(out) == ["keep.txt"]
-    export(path, str(out), force=True)
-    assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf"]  # no temp directory left beside it
+    assert tree_bytes(out) == first
+    other, _ = make_checkpoint(tmp_path / "other", tok, seed=1)
+    export(other, str(out), force=True)
+    assert tree_bytes(out)["model.safetensors"] != first["model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf", "other"]  # no temp directory left beside it
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_export_into_a_training_runs_out_dir_changes_nothing_there(tok, tmp_path, capsys, force):
+    # the checkpoint's own directory, with its metrics and run lock: none of it is the export's to replace
+    path, _ = make_checkpoint(tmp_path / "out", tok, stage="sft")
+    (tmp_path / "out" / "sft_metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
+    (tmp_path / "out" / ".sft.lock").write_text("")
+    before = tree_bytes(tmp_path)
+    err = dies_with(capsys, export, path, str(tmp_path / "out"), force)
+    assert ".sft.lock, sft.pt, sft_metrics.jsonl and 1 more" in err and "new or empty --out_dir" in err
+    assert tree_bytes(tmp_path) == before
+
+
+def test_force_refuses_an_earlier_export_with_a_file_added_naming_it(tok, tmp_path, capsys):
+    path, _ = make_checkpoint(tmp_path / "ckpt", tok)
+    out = tmp_path / "hf"
+    export(path, str(out))
+    (out / "README.md").write_text("my model card")
+    before = tree_bytes(out)
+    assert "holds README.md, which no earlier export lists" in dies_with(capsys, export, path, str(out), True)
+    assert tree_bytes(out) == before
+
+
+def test_force_refuses_a_directory_of_export_file_names_without_the_exports_record(tok, tmp_path, capsys):
+    # a tokenizer.json of the user's own is not the export's to replace, whatever its name
+    path, _ = make_checkpoint(tmp_path / "ckpt", tok)
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")
+    assert "holds tokenizer.json" in dies_with(capsys, export, path, str(out), True)
+    assert tree_bytes(out) == {"tokenizer.json": b"{}"}
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_export_to_a_path_that_cannot_be_a_directory_stops_with_one_line_and_writes_nothing(tok, tmp_path, capsys,
+                                                                                           where):
+    path, _ = make_checkpoint(tmp_path / "ckpt", tok)
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" if where == "a file" else tmp_path / "notes.txt" / "hf"
+    before = tree_bytes(tmp_path)
+    assert "notes.txt" in dies_with(capsys, export, path, str(out))
+    assert tree_bytes(tmp_path) == before
 
 
 def test_export_of_a_missing_checkpoint_writes_nothing(tmp_path, capsys):
@@ -338,14 +399,22 @@ def test_export_of_a_checkpoint_whose_tokenizer_differs_is_refused(tok, tmp_path
 
 
 def import_error(capsys, hf_dir, tmp_path, edit):
-    """Copy hf_dir, break it with edit(copy), and return load_hf_checkpoint's message; the
-    directory's files must be left as they were."""
+    """Copy hf_dir, break it with edit(copy), and return the one-line error of loading it as a
+    checkpoint (load_hf_checkpoint's message); the directory's files must be left as they were."""
     broken = copy_of(hf_dir, tmp_path / "broken")
     edit(broken)
-    before = {n: os.path.getmtime(os.path.join(broken, n)) for n in os.listdir(broken)}
-    err = dies_with(capsys, load_hf_checkpoint, broken)
-    assert {n: os.path.getmtime(os.path.join(broken, n)) for n in os.listdir(broken)} == before
+    before = {n: read_bytes(os.path.join(broken, n)) for n in os.listdir(broken)}
+    with pytest.raises(HFImportError) as e:
+        load_hf_checkpoint(broken)
+    err = dies_with(capsys, load_checkpoint, broken)
+    assert err == f"error: {e.value}"
+    assert {n: read_bytes(os.path.join(broken, n)) for n in os.listdir(broken)} == before
     return err
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def test_import_of_a_directory_that_is_not_qwen3_names_the_model_type(hf_dir, tmp_path, capsys):

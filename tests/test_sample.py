@@ -122,3 +122,41 @@ def test_an_unknown_device_is_a_flag_error(capsys):
 def test_the_edges_of_each_range_are_accepted():
     args = parse_args(["--max_new_tokens", "1", "--temperature", "0", "--top_k", "0", "--seed", "0", "--device", "cpu"])
     assert (args.max_new_tokens, args.temperature, args.top_k, args.seed) == (1, 0.0, 0, 0)
+
+
+def one_error(r) -> str:
+    """sample.py stopped with exactly one `error:` line and no Traceback; returns that line."""
+    assert r.returncode != 0, r.stdout[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_a_prompt_that_fills_the_context_is_refused_with_a_nonzero_exit(tok_path, tmp_path, stage):
+    ckpt = checkpoint(tmp_path / f"{stage}.pt", tok_path, stage)
+    r = sample("--ckpt", ckpt, "--prompt", "Mia lives in a house. " * 40, "--device", "cpu")
+    err = one_error(r)
+    assert "--prompt" in err and "max_seq_len=64" in err and "shorten it" in err
+    assert r.stdout == ""  # refused before any output, the prompt not echoed
+
+
+def test_chat_answers_the_messages_that_fit_and_exits_nonzero_for_one_that_did_not(tok_path, tmp_path):
+    ckpt = checkpoint(tmp_path / "sft.pt", tok_path, "sft")
+    r = sample("--ckpt", ckpt, "--chat", "--max_new_tokens", "4", "--temperature", "0",
+               stdin="hello\n" + "Mia lives in a house. " * 40 + "\nand Tom?\n")
+    err = one_error(r)
+    assert "1 message(s) did not fit" in err and "max_seq_len=64" in err
+    assert "fills the context" in r.stderr
+    assert r.stdout.count("> ") == 4  # every line was read; the two that fit were answered
+
+
+def test_an_hf_export_of_a_pretraining_checkpoint_continues_plain_text_as_the_checkpoint_does(tok_path, tmp_path):
+    from export_hf import export
+    ckpt = checkpoint(tmp_path / "ckpt" / "pretrain.pt", tok_path, "pretrain")
+    export(ckpt, str(tmp_path / "hf"))
+    flags = ["--prompt", "Mia lives in", "--max_new_tokens", "12", "--temperature", "0", "--device", "cpu"]
+    from_export, from_checkpoint = sample("--ckpt", str(tmp_path / "hf"), *flags), sample("--ckpt", ckpt, *flags)
+    assert from_export.returncode == 0, from_export.stderr[-2000:]
+    assert "pretrain checkpoint" in from_export.stderr
+    assert from_export.stdout.startswith("Mia lives in") and from_export.stdout == from_checkpoint.stdout
