@@ -174,8 +174,8 @@ def encode_sft(tok, examples: list[dict], max_seq_len: int):
         if fitted is not None:
             out.append(fitted)
     if not out:
-        raise DataError(f"no SFT example keeps an assistant token within max_seq_len={max_seq_len}; "
-                        f"raise --max_seq_len")
+        raise DataError(f"no SFT example keeps an assistant token within max_seq_len={max_seq_len}, the model's "
+                        f"context; shorten the conversations, or start from a model pretrained with a longer one")
     return out, n_truncated
 
 
@@ -198,7 +198,8 @@ def encode_dpo(tok, pairs: list[dict], max_seq_len: int):
         if item is not None:
             out.append(item)
     if not out:
-        raise DataError(f"no DPO pair keeps its responses within max_seq_len={max_seq_len}; raise --max_seq_len")
+        raise DataError(f"no DPO pair keeps its responses within max_seq_len={max_seq_len}, the model's context; "
+                        f"shorten the pairs, or start from a model pretrained with a longer one")
     return out, n_truncated
 
 

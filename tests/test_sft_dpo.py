@@ -250,3 +250,22 @@ def test_sft_logs_val_bits_per_byte_of_the_assistant_text(data_dir, init_ckpts, 
     ratios = [rows[s]["val_loss"] / rows[s]["val_bpb"] / math.log(2) for s in (0, 2, 4)]
     assert 1 < ratios[0] < 10 and max(ratios) - min(ratios) < 1e-4 * ratios[0], ratios
     assert rows[4]["val_bpb"] < rows[0]["val_bpb"]
+
+
+@pytest.mark.parametrize("stage", SCRIPTS)
+def test_data_too_long_for_the_models_context_names_a_fix_this_stage_accepts(stage, data_dir, init_ckpts, tmp_path):
+    # the model's max_seq_len (160 here) comes from --init_from; this stage refuses another --max_seq_len
+    prompt = "Tell me about the red fox and the blue bird. " * 40
+    if stage == "sft":
+        records = [{"conversations": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "Red."}]}]
+    else:
+        records = [{"prompt": prompt, "chosen": "Red.", "rejected": "Blue."}]
+    path = tmp_path / f"{stage}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records * 4))
+    r = run(stage, str(path), tmp_path / "out", init_ckpts[stage], "--val_path", str(path), "--max_steps", "2",
+            check=False)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "max_seq_len=160" in errors[0] and "pretrained with a longer" in errors[0], errors[0]
+    assert "--max_seq_len" not in errors[0], errors[0]  # a flag this stage would refuse: the model's shape is fixed
+    assert not os.path.exists(tmp_path / "out" / f"{stage}.pt")
