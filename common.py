@@ -98,14 +98,14 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     a("--grad_clip", type=nonneg_f, default=1.0, help="clip the global gradient norm (0: off)")
     # hardware
     a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    a("--device", default="auto", help="auto, cpu, cuda")
+    a("--device", type=device_flag, default="auto", help="auto, cpu, cuda or cuda:N (auto: cuda if present)")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on CUDA)")
     a("--fsdp", action="store_true",
       help="shard weights, gradients and optimizer state over the torchrun processes (FSDP2), for models past "
            "one GPU's memory; Muon still orthogonalises whole matrices")
     a("--activation_checkpointing", action="store_true",
       help="recompute each block's activations in the backward: less memory, about a third more compute")
-    a("--seed", type=nonneg, default=1337)
+    a("--seed", type=bounded(int, 0, 2**64 - 1), default=1337)  # torch's generators take 64 bits
     # logging and checkpoints
     a("--log_interval", type=pos, default=10)
     a("--eval_interval", type=pos, default=100)
@@ -114,6 +114,14 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     a("--use_wandb", action="store_true")
     a("--wandb_project", default="muon-minimal")
     return p
+
+
+def device_flag(text: str) -> str:
+    """An argparse type: auto, cpu, cuda or cuda:N (whether that GPU exists is checked at setup)."""
+    kind, _, index = text.partition(":")
+    if text not in ("auto", "cpu", "cuda") and not (kind == "cuda" and index.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def total_steps_of(args, steps_per_epoch: float) -> int:
@@ -138,7 +146,11 @@ def setup_distributed(device_arg: str, fsdp: bool = False):
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     if device_arg.startswith("cuda") and not torch.cuda.is_available():
-        die("--device cuda was asked for but no CUDA GPU is available")
+        die(f"--device {device_arg} was asked for but no CUDA GPU is available; use --device cpu")
+    if device_arg.startswith("cuda:") and int(device_arg[5:]) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        die(f"--device {device_arg}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}; pick one of them "
+            f"or --device cuda")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device_arg)
     if fsdp and "LOCAL_RANK" not in os.environ:
@@ -271,14 +283,59 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def check_resume(ckpt: dict, path: str, stage: str, args, total_steps: int):
-    """The one place a --resume is checked against its checkpoint: same stage, same optimizer,
-    a step budget that is not already spent."""
+STAGES = ("pretrain", "sft", "dpo")
+
+
+def load_resume_checkpoint(path: str, stage: str) -> dict:
+    """The checkpoint --resume continues: this stage's own <out_dir>/<stage>.pt. Called before the
+    run touches out_dir, so a resume with nothing to resume creates nothing."""
+    if not os.path.exists(path):
+        out_dir = os.path.dirname(path) or "."
+        others = [f"{s}.pt" for s in STAGES if s != stage and os.path.isfile(os.path.join(out_dir, f"{s}.pt"))]
+        held = f" ({out_dir} holds {', '.join(others)}: a new {stage} run starts from a previous stage's)" if others else ""
+        die(f"--resume: there is no {stage} checkpoint {path} to continue{held}; drop --resume to start a new run, "
+            f"or point --out_dir at the run to continue")
+    ckpt = load_checkpoint(path)
     if ckpt.get("stage") != stage or "step" not in ckpt:
         die(f"{path} is a {ckpt.get('stage', 'foreign')!r} checkpoint, not {stage!r}: --resume continues this "
             f"stage's own checkpoint; start a new {stage} run with --init_from {path}")
-    if ckpt["args"]["optimizer"] != args.optimizer:
-        die(f"{path} was trained with --optimizer {ckpt['args']['optimizer']}; resume with the same")
+    return ckpt
+
+
+def flag_text(name: str, value) -> str:
+    """How a flag with this value is written on the command line."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {value}"
+
+
+def check_resume(ckpt: dict, path: str, args, total_steps: int, world_size: int):
+    """The one place a --resume is checked against its checkpoint's run: what the run cannot change
+    midway must be as saved, and the step budget must not be spent already.
+
+    Fixed: the optimizer; the settings kept in the optimizers' state (load_state_dict puts the saved
+    values back over the flags: weight decay and Muon's variant); the seed (the data order and the
+    SFT/DPO validation split follow it); and the global batch (the step, the schedules, the data
+    position and the logged token count are counted in steps of it). The learning rates, their
+    schedules and the momentum are set every step from the flags, so a resume may change them."""
+    saved = ckpt["args"]
+    if saved["optimizer"] != args.optimizer:
+        die(f"{path} was trained with --optimizer {saved['optimizer']}; resume with the same")
+    fixed = ["seed", "weight_decay"]
+    if args.optimizer == "muon":
+        fixed += ["ns_coefficients", "normuon", "cautious_wd"] + (["normuon_beta2"] if args.normuon else [])
+    for name in fixed:
+        if name in saved and saved[name] != getattr(args, name):
+            die(f"--resume: {path} was trained with {flag_text(name, saved[name])}, this run has "
+                f"{flag_text(name, getattr(args, name))}; resume with {flag_text(name, saved[name])} (or start a new "
+                f"run from it with --init_from)")
+    old = (saved["batch_size"], saved["accumulation_steps"], ckpt["world_size"])
+    new = (args.batch_size, args.accumulation_steps, world_size)
+    if old[0] * old[1] * old[2] != new[0] * new[1] * new[2]:
+        die(f"--resume: {path} was trained with a global batch of {old[0] * old[1] * old[2]} (--batch_size {old[0]} x "
+            f"--accumulation_steps {old[1]} x {old[2]} process(es)), this run has {new[0] * new[1] * new[2]} "
+            f"(--batch_size {new[0]} x --accumulation_steps {new[1]} x {new[2]}); choose --batch_size and "
+            f"--accumulation_steps whose product with the process count is {old[0] * old[1] * old[2]}")
     if ckpt["step"] > total_steps:
         die(f"{path} is at step {ckpt['step']}, past this run's {total_steps} steps; pass --max_steps above "
             f"{ckpt['step']} to train on")

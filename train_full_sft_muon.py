@@ -20,10 +20,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import (gathered, load_optimizer_state, wrap_model, EXIT_INTERRUPTED, MetricsLogger, answer_accuracy, answer_questions, any_rank, catch_interrupts,
-                    check_model_matches, check_resume, cleanup_distributed, die, load_checkpoint,
-                    load_checkpoint_tokenizer, lock_out_dir, print0, resolve_chat_data, rng_state, save_checkpoint,
-                    set_rng_state, setup_run, split_val, step_speed, stop_on_nan, total_steps_of, train_arg_parser)
+from common import (EXIT_INTERRUPTED, MetricsLogger, answer_accuracy, answer_questions, any_rank, bounded,
+                    catch_interrupts, check_model_matches, check_resume, cleanup_distributed, die, gathered,
+                    load_checkpoint, load_checkpoint_tokenizer, load_optimizer_state, load_resume_checkpoint,
+                    lock_out_dir, print0, resolve_chat_data, rng_state, save_checkpoint, set_rng_state, setup_run,
+                    split_val, step_speed, stop_on_nan, total_steps_of, train_arg_parser, wrap_model)
 from data.loaders import SFTLoader, collate_sft, encode_sft
 from data.readers import DataError, read_sft_jsonl
 from model import GPT, ModelConfig, split_params, split_summary
@@ -42,7 +43,7 @@ def parse_args():
     p.add_argument("--eval_path", default=None,
                    help="held-out questions with \"answer\"/\"choices\" keys for answer accuracy "
                         "(default: sft_test.jsonl of the data directory; none for a plain file)")
-    p.add_argument("--eval_questions", type=int, default=100, help="questions per answer-accuracy eval (0: off)")
+    p.add_argument("--eval_questions", type=bounded(int, 0), default=100, help="questions per answer-accuracy eval (0: off)")
     return p.parse_args()
 
 
@@ -97,13 +98,15 @@ def evaluate(model, val_encoded, args, rank, world_size, device, ctx, pad_id, to
 def main():
     args = parse_args()
     rank, world_size, device, ctx, use_compile = setup_run(args)
-    lock = lock_out_dir(args.out_dir, STAGE, rank)  # noqa: F841 (held until exit)
     # --init_from gives the weights, shape and tokenizer; --resume takes all three (and the
     # optimizers, data position and RNG) from this stage's own checkpoint instead.
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
+    ckpt = load_resume_checkpoint(ckpt_path, STAGE) if args.resume else None
+    lock = lock_out_dir(args.out_dir, STAGE, rank)  # noqa: F841 (held until exit)
     args.init_from = args.init_from or os.path.join(args.out_dir, "pretrain.pt")
     start_path = ckpt_path if args.resume else args.init_from
-    ckpt = load_checkpoint(start_path)
+    if ckpt is None:
+        ckpt = load_checkpoint(args.init_from)
     train_file, val_file, data_dir = resolve_chat_data(STAGE, args.data_path, rank, world_size)
     tok = load_checkpoint_tokenizer(ckpt, start_path, data_dir)
     check_model_matches(ckpt, args, tok.fingerprint, start_path)
@@ -127,7 +130,7 @@ def main():
     questions, eval_path = answer_questions(args.eval_path, data_dir, tok, config.max_seq_len, args.eval_questions)
     total_steps = total_steps_of(args, train_loader.batches_per_epoch / args.accumulation_steps)
     if args.resume:
-        check_resume(ckpt, ckpt_path, STAGE, args, total_steps)
+        check_resume(ckpt, ckpt_path, args, total_steps, world_size)
     examples_per_step = args.batch_size * args.accumulation_steps * world_size
     print0(f"{examples_per_step} conversations per step, {total_steps} steps "
            f"({total_steps * examples_per_step / len(train_encoded):.2f} epochs); "
@@ -169,6 +172,7 @@ def main():
         step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
         print0(f"resumed {ckpt_path} at step {step} (saved by {ckpt['world_size']} process(es))")
     metrics = {k: ckpt[k] for k in ("val_loss", "val_bpb", "answer_acc") if args.resume and k in ckpt}
+    val_step = ckpt.get("val_step") if args.resume else None  # the step of those metrics, logged by that run
     del ckpt
 
     def save(step, metrics):
@@ -182,7 +186,7 @@ def main():
                 "scaler": scaler.state_dict(), "skipped_steps": skipped,
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
                 "world_size": world_size, "init_from": args.init_from, "tokenizer_path": tok.name,
-                "tokenizer_fingerprint": tok.fingerprint, **metrics})
+                "tokenizer_fingerprint": tok.fingerprint, "val_step": val_step, **metrics})
 
     # ---------------------------------------------------------------- loop
     # evaluation deals batches and questions to ranks (rank, world_size); under FSDP every forward is
@@ -201,8 +205,8 @@ def main():
     t_log, step_log, history = t_start, step, []
     while True:
         last = step >= total_steps
-        if step % args.eval_interval == 0 or last:
-            metrics = evaluate(model, val_encoded, args, *eval_ranks, device, ctx, tok.pad_id, token_bytes)
+        if (step % args.eval_interval == 0 or last) and step != val_step:  # a resumed step has its row
+            metrics, val_step = evaluate(model, val_encoded, args, *eval_ranks, device, ctx, tok.pad_id, token_bytes), step
             if not math.isfinite(metrics["val_loss"]):
                 die(f"val loss is {metrics['val_loss']} at step {step}; stopping (the last checkpoint is intact)")
             if questions:
@@ -210,7 +214,7 @@ def main():
             logger.log({"step": step, **metrics})
             if step > start_step:
                 save(step, metrics)
-        elif args.save_interval and step % args.save_interval == 0:
+        elif args.save_interval and step % args.save_interval == 0 and step > start_step:
             save(step, metrics)
         if last:
             break
