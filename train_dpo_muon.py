@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (EXIT_INTERRUPTED, MetricsLogger, answer_accuracy, answer_questions, any_rank, bounded,
-                    catch_interrupts, check_model_matches, check_resume, cleanup_distributed, die, gathered,
-                    load_checkpoint, load_checkpoint_tokenizer, load_optimizer_state, load_resume_checkpoint,
-                    lock_out_dir, print0, resolve_chat_data, rng_state, save_checkpoint, set_rng_state, setup_run,
-                    shard, split_val, step_speed, stop_on_nan, total_steps_of, train_arg_parser, warn, wrap_model)
+from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, bounded, catch_interrupts, check_model_matches,
+                    check_resume, cleanup_distributed, die, gathered, load_checkpoint, load_checkpoint_tokenizer,
+                    load_optimizer_state, load_resume_checkpoint, lock_out_dir, print0, rng_state, save_checkpoint,
+                    set_rng_state, setup_run, shard, step_speed, stop_on_nan, total_steps_of, train_arg_parser, warn,
+                    wrap_model)
+from data.chat import answer_accuracy, answer_questions, resolve_chat_data, split_val
 from data.loaders import DPOLoader, collate_dpo, encode_dpo
 from data.readers import DataError, read_dpo_jsonl
 from model import GPT, ModelConfig, split_params, split_summary
@@ -43,6 +44,7 @@ def parse_args():
     # further steps only drift the model. These LRs separate the held-out pairs of the embedded and
     # the English-task sets in 100 steps without costing answer accuracy (bench/LOG.md: three seeds).
     p.set_defaults(batch_size=16, max_steps=100, lr_muon=1e-3, lr_adamw=1e-4, momentum=0.85,
+                   weight_decay=0.0, momentum_warmup_steps=0, momentum_cooldown_steps=0,
                    warmup_steps=10, eval_interval=100, eval_iters=32, log_interval=10)
     p.add_argument("--beta", type=bounded(float, 0, above=True), default=0.1,
                    help="strength of the pull toward the reference model (higher: stay closer)")
@@ -142,7 +144,10 @@ def main():
     if ckpt is None:
         ckpt = init
     start_path = ckpt_path if args.resume else args.init_from
-    train_file, val_file, data_dir = resolve_chat_data(STAGE, args.data_path, rank, world_size)
+    try:
+        train_file, val_file, data_dir = resolve_chat_data(STAGE, args.data_path, rank, world_size)
+    except DataError as e:
+        die(str(e))
     tok = load_checkpoint_tokenizer(ckpt, start_path, data_dir)
     check_model_matches(ckpt, args, tok.fingerprint, start_path)
     config = ModelConfig(**ckpt["model_config"])
@@ -157,6 +162,8 @@ def main():
         train_encoded, n_cut = encode_dpo(tok, train_records, config.max_seq_len)
         val_encoded, _ = encode_dpo(tok, val_records, config.max_seq_len)
         train_loader = DPOLoader(train_encoded, args.batch_size, rank, world_size, seed=args.seed, pad_id=tok.pad_id)
+        questions, eval_path, left_out = answer_questions(args.eval_path, data_dir, tok, config.max_seq_len,
+                                                          args.eval_questions)
     except DataError as e:
         die(str(e))
     same = sum(r["chosen"] == r["rejected"] for r in train_records)
@@ -166,7 +173,6 @@ def main():
     print0(f"data: {train_file}: {len(train_records):,} pairs, {n_cut:,} longer than max_seq_len="
            f"{config.max_seq_len} (truncated; {len(train_records) - len(train_encoded):,} of them dropped: a "
            f"reply lost all its tokens); {len(val_encoded):,} val pairs")
-    questions, eval_path = answer_questions(args.eval_path, data_dir, tok, config.max_seq_len, args.eval_questions)
     total_steps = total_steps_of(args, train_loader.batches_per_epoch / args.accumulation_steps)
     if args.resume:
         check_resume(ckpt, ckpt_path, args, total_steps, world_size)
@@ -180,7 +186,9 @@ def main():
     print0(f"{pairs_per_step} pairs per step, {total_steps} steps "
            f"({total_steps * pairs_per_step / len(train_encoded):.2f} epochs), beta {args.beta}; "
            + (f"answer accuracy on {len(questions)} questions from {eval_path}" if questions
-              else "no answer accuracy (no --eval_path)"))
+              else "no answer accuracy (no --eval_path)")
+           + (f" ({left_out} more leave no room for a reply within max_seq_len={config.max_seq_len}: left out)"
+              if left_out else ""))
 
     # ---------------------------------------------------------------- models: policy and frozen reference
     raw_model = GPT(config).to(device)

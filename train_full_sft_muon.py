@@ -20,11 +20,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import (EXIT_INTERRUPTED, MetricsLogger, answer_accuracy, answer_questions, any_rank, bounded,
-                    catch_interrupts, check_model_matches, check_resume, cleanup_distributed, die, gathered,
-                    load_checkpoint, load_checkpoint_tokenizer, load_optimizer_state, load_resume_checkpoint,
-                    lock_out_dir, print0, resolve_chat_data, rng_state, save_checkpoint, set_rng_state, setup_run,
-                    split_val, step_speed, stop_on_nan, total_steps_of, train_arg_parser, wrap_model)
+from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, bounded, catch_interrupts, check_model_matches,
+                    check_resume, cleanup_distributed, die, gathered, load_checkpoint, load_checkpoint_tokenizer,
+                    load_optimizer_state, load_resume_checkpoint, lock_out_dir, print0, rng_state, save_checkpoint,
+                    set_rng_state, setup_run, step_speed, stop_on_nan, total_steps_of, train_arg_parser, wrap_model)
+from data.chat import answer_accuracy, answer_questions, resolve_chat_data, split_val
 from data.loaders import SFTLoader, collate_sft, encode_sft
 from data.readers import DataError, read_sft_jsonl
 from model import GPT, ModelConfig, split_params, split_summary
@@ -38,7 +38,8 @@ def parse_args():
     # stage defaults: a short warmup and a few CPU minutes on the embedded data; the LRs are within
     # noise of the best on the embedded and the English-task sets (bench/LOG.md: three seeds)
     p.set_defaults(batch_size=16, max_steps=800, lr_muon=0.01, lr_adamw=1e-4, momentum=0.9,
-                   warmup_steps=10, eval_interval=200, log_interval=10)
+                   weight_decay=0.0, momentum_warmup_steps=0, momentum_cooldown_steps=0,
+                   warmup_steps=10, eval_interval=200, eval_iters=20, log_interval=10)
     p.add_argument("--val_path", default=None, help="SFT validation jsonl (default: 2%% of a --data_path file)")
     p.add_argument("--eval_path", default=None,
                    help="held-out questions with \"answer\"/\"choices\" keys for answer accuracy "
@@ -107,7 +108,10 @@ def main():
     start_path = ckpt_path if args.resume else args.init_from
     if ckpt is None:
         ckpt = load_checkpoint(args.init_from)
-    train_file, val_file, data_dir = resolve_chat_data(STAGE, args.data_path, rank, world_size)
+    try:
+        train_file, val_file, data_dir = resolve_chat_data(STAGE, args.data_path, rank, world_size)
+    except DataError as e:
+        die(str(e))
     tok = load_checkpoint_tokenizer(ckpt, start_path, data_dir)
     check_model_matches(ckpt, args, tok.fingerprint, start_path)
     config = ModelConfig(**ckpt["model_config"])
@@ -122,12 +126,13 @@ def main():
         train_encoded, n_cut = encode_sft(tok, train_records, config.max_seq_len)
         val_encoded, _ = encode_sft(tok, val_records, config.max_seq_len)
         train_loader = SFTLoader(train_encoded, args.batch_size, rank, world_size, seed=args.seed, pad_id=tok.pad_id)
+        questions, eval_path, left_out = answer_questions(args.eval_path, data_dir, tok, config.max_seq_len,
+                                                          args.eval_questions)
     except DataError as e:
         die(str(e))
     print0(f"data: {train_file}: {len(train_records):,} conversations, {n_cut:,} longer than max_seq_len="
            f"{config.max_seq_len} (truncated; {len(train_records) - len(train_encoded):,} of them dropped: no "
            f"assistant token left); {len(val_encoded):,} val conversations")
-    questions, eval_path = answer_questions(args.eval_path, data_dir, tok, config.max_seq_len, args.eval_questions)
     total_steps = total_steps_of(args, train_loader.batches_per_epoch / args.accumulation_steps)
     if args.resume:
         check_resume(ckpt, ckpt_path, args, total_steps, world_size)
@@ -135,7 +140,9 @@ def main():
     print0(f"{examples_per_step} conversations per step, {total_steps} steps "
            f"({total_steps * examples_per_step / len(train_encoded):.2f} epochs); "
            + (f"answer accuracy on {len(questions)} questions from {eval_path}" if questions
-              else "no answer accuracy (no --eval_path)"))
+              else "no answer accuracy (no --eval_path)")
+           + (f" ({left_out} more leave no room for a reply within max_seq_len={config.max_seq_len}: left out)"
+              if left_out else ""))
 
     # ---------------------------------------------------------------- model
     raw_model = GPT(config).to(device)

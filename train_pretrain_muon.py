@@ -9,6 +9,7 @@ schedules -> loop (forward, backward, accumulation, gradient sync, clip, both st
 import math
 import os
 import sys
+import textwrap
 import time
 
 import torch
@@ -29,26 +30,31 @@ STAGE = "pretrain"
 # 3.2M parameters on the embedded corpus: a CPU demo in minutes (a checkpoint from before norm_weights had them)
 DEFAULT_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                      max_seq_len=256, norm_weights=True, tie_word_embeddings=True)
+# AdamW's peak LR by --optimizer: AdamW training every parameter wants a lower one than AdamW on the
+# embedding, head and norms beside Muon
+LR_ADAMW = {"muon": 8e-3, "adamw": 2e-3}
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args():
-    p = train_arg_parser(__doc__)
+    defaults = (f"Defaults: where no checkpoint gives the model's shape, {DEFAULT_SHAPE}. --lr_adamw None: "
+                + ", ".join(f"{lr} with --optimizer {opt}" for opt, lr in LR_ADAMW.items()) + ".")
+    p = train_arg_parser(__doc__ + "\n" + textwrap.fill(defaults, 100) + "\n")
     # stage defaults: a model and a run sized for a few minutes on a 2-core CPU
     # (the model shape stays None here: a --resume run takes its shape from the checkpoint)
     # LRs: the best at 768x12 on English and close to it on synthetic stories and Python source; weight decay
-    # and Muon's momentum schedule helped on all three (README: how the defaults were chosen). AdamW training
-    # every parameter (--optimizer adamw) wants a lower LR than AdamW on the embedding, head and norms.
+    # and Muon's momentum schedule helped on all three (README: how the defaults were chosen).
     p.set_defaults(batch_size=16, max_steps=300, lr_muon=0.04, lr_adamw=None, momentum=0.95,
                    weight_decay=0.1, momentum_warmup_steps=100, momentum_cooldown_steps=50,
-                   warmup_steps=20, eval_interval=100)
+                   warmup_steps=20, eval_interval=100, eval_iters=20, log_interval=10)
     p.add_argument("--sample_prompt", default="Mia lives in", help="text continued at the end of the run")
     p.add_argument("--warmdown_ratio", type=bounded(float, 0, 1), default=0.0,
                    help="0: cosine decay; else flat, then a linear decay over this share of the steps")
-    p.add_argument("--lr_embedding", type=bounded(float, 0, above=True), default=None, help="peak LR of the token embedding (default: --lr_adamw)")
+    p.add_argument("--lr_embedding", type=bounded(float, 0, above=True), default=None,
+                   help="peak LR of the token embedding (default: --lr_adamw)")
     args = p.parse_args()
     if args.lr_adamw is None:
-        args.lr_adamw = 8e-3 if args.optimizer == "muon" else 2e-3
+        args.lr_adamw = LR_ADAMW[args.optimizer]
     return args
 
 

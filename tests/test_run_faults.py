@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -237,6 +238,21 @@ def test_a_cuda_device_past_the_gpus_there_stops_naming_the_ones_there(monkeypat
     assert stop.value.code != 0
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cuda:9" in errors[0] and "cuda:0 to cuda:1" in errors[0], errors
+
+
+@pytest.mark.parametrize("stage", SCRIPTS)
+def test_help_shows_each_stages_own_defaults(stage, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [SCRIPTS[stage], "--help"])
+    with pytest.raises(SystemExit):
+        MODULES[stage].parse_args()
+    text = " ".join(capsys.readouterr().out.split("options:")[1].split())  # argparse wraps lines
+    monkeypatch.setattr(sys, "argv", [SCRIPTS[stage]])
+    args = MODULES[stage].parse_args()
+    for flag in ("max_steps", "lr_muon", "momentum", "weight_decay", "momentum_warmup_steps", "warmup_steps",
+                 "eval_interval", "eval_iters"):
+        shown = re.search(rf"--{flag} {flag.upper()} [^(]*\(.*?default: ([^);]+)", text).group(1)
+        assert float(shown) == getattr(args, flag), (flag, shown)
+    assert "pretraining's default" not in text
 
 
 # ------------------------------------------------------------------------------ out_dir
