@@ -1,5 +1,5 @@
-"""Plumbing the three training scripts share: flags, distributed setup, gradient sync and
-clipping across ranks, checkpoints, the run lock, and logging.
+"""Plumbing the three training scripts share: flags, distributed setup, interrupts, checkpoint
+files, the run lock, and logging.
 
 The algorithm of each stage (data, model, the Muon/AdamW split, both optimizers, both
 schedules, the loop) lives in its own script; this file only holds what they would otherwise
@@ -13,15 +13,23 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from data.prepare import bounded
 from hf_import import HFImportError, load_hf_checkpoint
 from model import GPT, ModelConfig
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 # A run stopped by Ctrl-C or SIGTERM saves its checkpoint and exits with this status (EX_TEMPFAIL:
 # "try again"), so a scheduler can tell a pre-empted, resumable run from a finished one (0).
@@ -49,7 +57,9 @@ def warn(msg: str):
 # ------------------------------------------------------------------------------------ flags
 
 def train_arg_parser(description: str) -> argparse.ArgumentParser:
-    """The flags every stage script has, under the same names (stage defaults are set by each script).
+    """The flags every stage script has, under the same names. Flags whose value differs by stage
+    (the batch, the step budget, the LRs and their schedules, the evaluation cadence) have no
+    default here: each script sets its own with p.set_defaults, and --help shows it (%(default)s).
     Every number is checked at parse time: argparse names the flag and the allowed range."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"Ctrl-C or SIGTERM saves the checkpoint and exits with status {EXIT_INTERRUPTED} "
@@ -57,66 +67,81 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     a = p.add_argument
     pos, nonneg, pos_f, nonneg_f = bounded(int, 1), bounded(int, 0), bounded(float, 0, above=True), bounded(float, 0)
     a("--data_path", default=None, help="data to train on (default: the embedded corpus, prepared on first use)")
-    a("--out_dir", default="out", help="where checkpoints and metrics go")
-    a("--init_from", default=None, help="checkpoint (or Hugging Face Qwen3 directory) whose weights start this stage")
+    a("--out_dir", default="out", help="where checkpoints and metrics go (default: %(default)s)")
+    a("--init_from", default=None,
+      help="checkpoint (or Hugging Face Qwen3 directory) whose weights start this stage (default: the previous "
+           "stage's checkpoint in --out_dir; none for pretraining)")
     a("--resume", action="store_true", help="continue this stage from <out_dir>/<stage>.pt exactly")
-    # model shape (pretraining builds it; later stages check it against --init_from)
-    a("--hidden_size", type=pos, default=None)
-    a("--num_hidden_layers", type=pos, default=None)
-    a("--num_attention_heads", type=pos, default=None)
-    a("--num_key_value_heads", type=pos, default=None)
-    a("--max_seq_len", type=bounded(int, 2), default=None)
+    # model shape: taken from the checkpoint a stage starts from (a given value must match it);
+    # pretraining from scratch builds the shape its script sets
+    shape = "(default: the checkpoint's, else the stage's own)"
+    a("--hidden_size", type=pos, default=None, help=f"width of the residual stream {shape}")
+    a("--num_hidden_layers", type=pos, default=None, help=f"transformer blocks {shape}")
+    a("--num_attention_heads", type=pos, default=None, help=f"query heads {shape}")
+    a("--num_key_value_heads", type=pos, default=None, help=f"key/value heads, dividing the query heads {shape}")
+    a("--max_seq_len", type=bounded(int, 2), default=None, help=f"the model's context in tokens {shape}")
     a("--norm_weights", action=argparse.BooleanOptionalAction, default=None,
-      help="RMSNorms with a learned gain (Qwen3's); --no-norm_weights: without, a faster backward")
+      help=f"RMSNorms with a learned gain (Qwen3's); --no-norm_weights: without, a faster backward {shape}")
     a("--tie_word_embeddings", action=argparse.BooleanOptionalAction, default=None,
-      help="the LM head is the token embedding (default); --no-tie_word_embeddings: a head of its own")
+      help=f"the LM head is the token embedding; --no-tie_word_embeddings: a head of its own {shape}")
     # batch and length of training
-    a("--batch_size", type=pos, default=16, help="sequences per micro-batch per process")
-    a("--accumulation_steps", type=pos, default=1, help="micro-batches per optimizer step")
+    a("--batch_size", type=pos, default=None, help="sequences per micro-batch per process (default: %(default)s)")
+    a("--accumulation_steps", type=pos, default=1, help="micro-batches per optimizer step (default: %(default)s)")
     a("--epochs", type=pos_f, default=None, help="passes over the training data (used when --max_steps is 0)")
-    a("--max_steps", type=nonneg, default=None, help="optimizer steps (0: derive from --epochs)")
+    a("--max_steps", type=nonneg, default=None, help="optimizer steps (0: derive from --epochs; default: %(default)s)")
     # optimizers and schedules
-    a("--optimizer", choices=["muon", "adamw"], default="muon", help="adamw: AdamW for every parameter (baseline)")
-    a("--lr_muon", type=pos_f, default=0.02, help="peak LR of Muon (matrices in the blocks)")
-    a("--lr_adamw", type=pos_f, default=5e-4,
-      help="peak LR of AdamW (embedding, head, norms; every parameter with --optimizer adamw); "
-           "pretraining's default: 8e-3, or 2e-3 with --optimizer adamw")
-    a("--momentum", type=bounded(float, 0, 1), default=0.95, help="Muon momentum (after its warmup)")
+    a("--optimizer", choices=["muon", "adamw"], default="muon",
+      help="adamw: AdamW for every parameter, the baseline (default: %(default)s)")
+    a("--lr_muon", type=pos_f, default=None, help="peak LR of Muon, matrices in the blocks (default: %(default)s)")
+    a("--lr_adamw", type=pos_f, default=None,
+      help="peak LR of AdamW: embedding, head, norms; every parameter with --optimizer adamw (default: %(default)s)")
+    a("--momentum", type=bounded(float, 0, 1), default=None, help="Muon momentum after its warmup (default: %(default)s)")
     a("--momentum_start", type=bounded(float, 0, 1), default=0.85,
-      help="Muon momentum at step 0 and after the cool-down")
-    a("--momentum_warmup_steps", type=nonneg, default=0,
-      help="ramp Muon momentum from --momentum_start (0: off; pretraining's default: 100)")
-    a("--momentum_cooldown_steps", type=nonneg, default=0,
-      help="ramp it back to --momentum_start at the end (pretraining's default: 50)")
+      help="Muon momentum at step 0 and after the cool-down (default: %(default)s)")
+    a("--momentum_warmup_steps", type=nonneg, default=None,
+      help="ramp Muon momentum from --momentum_start over these steps (0: off; default: %(default)s)")
+    a("--momentum_cooldown_steps", type=nonneg, default=None,
+      help="ramp it back to --momentum_start over the last steps (0: off; default: %(default)s)")
     a("--ns_coefficients", choices=["quintic", "polar_express"], default="quintic",
-      help="Newton-Schulz polynomials")
+      help="Newton-Schulz polynomials (default: %(default)s)")
     a("--normuon", action=argparse.BooleanOptionalAction, default=False, help="NorMuon row/column normalisation")
-    a("--normuon_beta2", type=bounded(float, 0, 1), default=0.95, help="NorMuon's second-moment decay")
+    a("--normuon_beta2", type=bounded(float, 0, 1), default=0.95,
+      help="NorMuon's second-moment decay (default: %(default)s)")
     a("--cautious_wd", action=argparse.BooleanOptionalAction, default=False,
       help="Muon decays a weight only where its update has the same sign")
-    a("--weight_decay", type=nonneg_f, default=0.0,
-      help="decoupled weight decay of both optimizers' matrices (pretraining's default: 0.1)")
-    a("--warmup_steps", type=nonneg, default=20)
-    a("--min_lr_ratio", type=bounded(float, 0, 1), default=0.1, help="cosine decays each LR to this fraction of its peak")
-    a("--grad_clip", type=nonneg_f, default=1.0, help="clip the global gradient norm (0: off)")
+    a("--weight_decay", type=nonneg_f, default=None,
+      help="decoupled weight decay of both optimizers' matrices (default: %(default)s)")
+    a("--warmup_steps", type=nonneg, default=None, help="linear LR warmup steps (default: %(default)s)")
+    a("--min_lr_ratio", type=bounded(float, 0, 1), default=0.1,
+      help="cosine decays each LR to this fraction of its peak (default: %(default)s)")
+    a("--grad_clip", type=nonneg_f, default=1.0, help="clip the global gradient norm (0: off; default: %(default)s)")
     # hardware
     a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    a("--device", default="auto", help="auto, cpu, cuda")
+    a("--device", type=device_flag, default="auto", help="auto, cpu, cuda or cuda:N (auto: cuda if present)")
     a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on CUDA)")
     a("--fsdp", action="store_true",
       help="shard weights, gradients and optimizer state over the torchrun processes (FSDP2), for models past "
            "one GPU's memory; Muon still orthogonalises whole matrices")
     a("--activation_checkpointing", action="store_true",
       help="recompute each block's activations in the backward: less memory, about a third more compute")
-    a("--seed", type=nonneg, default=1337)
+    # torch's generators take 64-bit seeds
+    a("--seed", type=bounded(int, 0, 2**64 - 1), default=1337, help="data order and initialisation (default: %(default)s)")
     # logging and checkpoints
-    a("--log_interval", type=pos, default=10)
-    a("--eval_interval", type=pos, default=100)
-    a("--eval_iters", type=pos, default=20, help="batches per evaluation")
+    a("--log_interval", type=pos, default=None, help="steps between logged rows (default: %(default)s)")
+    a("--eval_interval", type=pos, default=None, help="steps between evaluations (default: %(default)s)")
+    a("--eval_iters", type=pos, default=None, help="batches per evaluation (default: %(default)s)")
     a("--save_interval", type=nonneg, default=0, help="also save every N steps (0: only at evals and the end)")
     a("--use_wandb", action="store_true")
-    a("--wandb_project", default="muon-minimal")
+    a("--wandb_project", default="muon-minimal", help="(default: %(default)s)")
     return p
+
+
+def device_flag(text: str) -> str:
+    """An argparse type: auto, cpu, cuda or cuda:N (whether that GPU exists is checked at setup)."""
+    kind, _, index = text.partition(":")
+    if text not in ("auto", "cpu", "cuda") and not (kind == "cuda" and index.isdigit()):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def total_steps_of(args, steps_per_epoch: float) -> int:
@@ -141,7 +166,11 @@ def setup_distributed(device_arg: str, fsdp: bool = False):
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     if device_arg.startswith("cuda") and not torch.cuda.is_available():
-        die("--device cuda was asked for but no CUDA GPU is available")
+        die(f"--device {device_arg} was asked for but no CUDA GPU is available; use --device cpu")
+    if device_arg.startswith("cuda:") and int(device_arg[5:]) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        die(f"--device {device_arg}: this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}; pick one of them "
+            f"or --device cuda")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(device_arg)
     if fsdp and "LOCAL_RANK" not in os.environ:
@@ -185,7 +214,6 @@ def wrap_model(raw_model, args, use_compile: bool):
 
 
 def shard(model):
-    from torch.distributed.fsdp import fully_shard
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
@@ -203,7 +231,6 @@ def catch_interrupts() -> list:
     next logged step, saves, and exits with EXIT_INTERRUPTED. A second one stops the process at once
     (the last checkpoint is intact): the next logged step may never come, e.g. while torch.compile's
     workers, signalled with the process group, are gone."""
-    import signal
     interrupted = []
 
     def handler(sig, frame):
@@ -321,18 +348,63 @@ def check_checkpoint_model(ckpt: dict, path: str):
             f"use an earlier checkpoint or train again with lower learning rates")
 
 
-def check_resume(ckpt: dict, path: str, stage: str, args, total_steps: int):
-    """The one place a --resume is checked against its checkpoint: same stage, same optimizer,
-    a step budget that is not already spent."""
+STAGES = ("pretrain", "sft", "dpo")
+
+
+def load_resume_checkpoint(path: str, stage: str) -> dict:
+    """The checkpoint --resume continues: this stage's own <out_dir>/<stage>.pt. Called before the
+    run touches out_dir, so a resume with nothing to resume creates nothing."""
+    if not os.path.exists(path):
+        out_dir = os.path.dirname(path) or "."
+        others = [f"{s}.pt" for s in STAGES if s != stage and os.path.isfile(os.path.join(out_dir, f"{s}.pt"))]
+        held = f" ({out_dir} holds {', '.join(others)}: a new {stage} run starts from a previous stage's)" if others else ""
+        die(f"--resume: there is no {stage} checkpoint {path} to continue{held}; drop --resume to start a new run, "
+            f"or point --out_dir at the run to continue")
+    ckpt = load_checkpoint(path)
     if ckpt.get("stage") != stage or "step" not in ckpt:
         die(f"{path} is a {ckpt.get('stage', 'foreign')!r} checkpoint, not {stage!r}: --resume continues this "
             f"stage's own checkpoint; start a new {stage} run with --init_from {path}")
+    return ckpt
+
+
+def flag_text(name: str, value) -> str:
+    """How a flag with this value is written on the command line."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {value}"
+
+
+def check_resume(ckpt: dict, path: str, args, total_steps: int, world_size: int):
+    """The one place a --resume is checked against its checkpoint's run: what the run cannot change
+    midway must be as saved, and the step budget must not be spent already.
+
+    Fixed: the optimizer; the settings kept in the optimizers' state (load_state_dict puts the saved
+    values back over the flags: weight decay and Muon's variant); the seed (the data order and the
+    SFT/DPO validation split follow it); and the global batch (the step, the schedules, the data
+    position and the logged token count are counted in steps of it). The learning rates, their
+    schedules and the momentum are set every step from the flags, so a resume may change them."""
     missing = [k for k in ("args", "muon_opt", "adamw_opt", "data", "rng", "world_size") if k not in ckpt]
     if missing:
         die(f"{path} has no {missing}: a checkpoint of another version of these scripts cannot be resumed; "
-            f"start a new {stage} run with --init_from {path}")
-    if ckpt["args"]["optimizer"] != args.optimizer:
-        die(f"{path} was trained with --optimizer {ckpt['args']['optimizer']}; resume with the same")
+            f"start a new {ckpt['stage']} run with --init_from {path}")
+    saved = ckpt["args"]
+    if saved["optimizer"] != args.optimizer:
+        die(f"{path} was trained with --optimizer {saved['optimizer']}; resume with the same")
+    fixed = ["seed", "weight_decay"]
+    if args.optimizer == "muon":
+        fixed += ["ns_coefficients", "normuon", "cautious_wd"] + (["normuon_beta2"] if args.normuon else [])
+    for name in fixed:
+        if name in saved and saved[name] != getattr(args, name):
+            die(f"--resume: {path} was trained with {flag_text(name, saved[name])}, this run has "
+                f"{flag_text(name, getattr(args, name))}; resume with {flag_text(name, saved[name])} (or start a new "
+                f"run from it with --init_from)")
+    old = (saved["batch_size"], saved["accumulation_steps"], ckpt["world_size"])
+    new = (args.batch_size, args.accumulation_steps, world_size)
+    if old[0] * old[1] * old[2] != new[0] * new[1] * new[2]:
+        die(f"--resume: {path} was trained with a global batch of {old[0] * old[1] * old[2]} (--batch_size {old[0]} x "
+            f"--accumulation_steps {old[1]} x {old[2]} process(es)), this run has {new[0] * new[1] * new[2]} "
+            f"(--batch_size {new[0]} x --accumulation_steps {new[1]} x {new[2]}); choose --batch_size and "
+            f"--accumulation_steps whose product with the process count is {old[0] * old[1] * old[2]}")
     if ckpt["step"] > total_steps:
         die(f"{path} is at step {ckpt['step']}, past this run's {total_steps} steps; pass --max_steps above "
             f"{ckpt['step']} to train on")
@@ -341,7 +413,6 @@ def check_resume(ckpt: dict, path: str, stage: str, args, total_steps: int):
 def gathered(state):
     """A state dict (a model's or an optimizer's) with every FSDP shard (DTensor) gathered into a whole CPU
     tensor, so a checkpoint has one format whatever wrote it. Collective under FSDP: call it on every rank."""
-    from torch.distributed.tensor import DTensor
     if isinstance(state, dict):
         return {k: gathered(v) for k, v in state.items()}
     if isinstance(state, list):
@@ -351,7 +422,6 @@ def gathered(state):
 
 def load_optimizer_state(optimizer, state_dict):
     """optimizer.load_state_dict, then the whole state tensors of each FSDP-sharded parameter cut to its shard."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
     optimizer.load_state_dict(state_dict)
     for p, state in optimizer.state.items():
         if isinstance(p, DTensor):
@@ -426,10 +496,8 @@ def lock_out_dir(out_dir: str, stage: str, rank: int):
     except OSError as e:
         die(f"--out_dir {out_dir} cannot be used ({e.strerror}): it must be a directory, or a path one can be made at")
     try:
-        import fcntl
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # no fcntl (Windows): no lock
-        pass
+        if fcntl is not None:  # no fcntl (Windows): no lock
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         die(f"another {stage} run is using --out_dir {out_dir}; wait for it or pass another --out_dir")
     return f
@@ -460,7 +528,7 @@ class MetricsLogger:
         self.t_start = time.time()
         if rank == 0 and args.use_wandb:
             try:
-                import wandb
+                import wandb  # optional, and slow to import: only for --use_wandb
                 self.wandb = wandb.init(project=args.wandb_project, name=f"{stage}-{time.strftime('%m%d-%H%M%S')}",
                                         config=vars(args))
             except ImportError:
@@ -520,49 +588,6 @@ def format_eta(seconds: float) -> str:
 
 # ------------------------------------------------------------------ later stages: SFT, DPO, sample
 
-EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "embedded")
-
-
-def resolve_chat_data(kind: str, data_path: str | None, rank: int, world_size: int):
-    """Where the SFT or DPO data of a run is: (train_file, val_file or None, data_dir or None).
-
-    Nothing: the embedded corpus (rank 0 prepares it on first use). A directory: its
-    <kind>_train.jsonl and <kind>_val.jsonl (as data/prepare.py writes them). A .jsonl file:
-    that file alone; the caller then splits a validation set off it (split_val) or reads --val_path.
-    """
-    from data.cache import ensure_prepared
-    from data.readers import DataError
-
-    if data_path is None:
-        if rank == 0:
-            try:
-                ensure_prepared(EMBEDDED_DIR)
-            except DataError as e:  # an unwritable data/, a full disk, a signal while preparing
-                die(str(e))
-        if world_size > 1:
-            dist.barrier()
-        data_path = EMBEDDED_DIR
-    if os.path.isdir(data_path):
-        train, val = (os.path.join(data_path, f"{kind}_{split}.jsonl") for split in ("train", "val"))
-        if not os.path.exists(train):
-            die(f"--data_path {data_path}: directory has no {kind}_train.jsonl; give a .jsonl file or a "
-                f"directory prepared by data/prepare.py with --{kind}_path")
-        return train, val if os.path.exists(val) else None, data_path
-    if not os.path.exists(data_path):
-        die(f"--data_path {data_path}: no such file or directory")
-    return data_path, None, None
-
-
-def split_val(records: list, seed: int, fraction: float = 0.02):
-    """(train, val): about `fraction` of the records (at least one) held out, chosen by seed."""
-    if len(records) < 2:
-        die(f"{len(records)} record(s) cannot be split into train and val; add data or pass --val_path")
-    n_val = max(1, round(fraction * len(records)))
-    is_val = set(torch.randperm(len(records), generator=torch.Generator().manual_seed(seed))[:n_val].tolist())
-    return ([r for i, r in enumerate(records) if i not in is_val],
-            [r for i, r in enumerate(records) if i in is_val])
-
-
 def load_checkpoint_tokenizer(ckpt: dict, path: str, fallback_dir: str | None = None, override: str | None = None):
     """The tokenizer a checkpoint was trained with: `override` if given, else the recorded
     tokenizer_path, else fallback_dir/tokenizer.json (a checkpoint copied from another machine).
@@ -583,64 +608,3 @@ def load_checkpoint_tokenizer(ckpt: dict, path: str, fallback_dir: str | None = 
     die(f"{path}: {what}; pass the data directory it was prepared in as --data_path (or --tokenizer to "
         f"sample.py and export_hf.py)")
 
-
-@torch.no_grad()
-def answer_accuracy(model, tok, questions: list[dict], device, ctx, rank: int = 0, world_size: int = 1,
-                    max_new_tokens: int = 32):
-    """Fraction of questions answered correctly by greedy generation: each record's conversation
-    without its final assistant turn is the prompt, the reply runs to <|im_end|>, and
-    data.corpus.answer_is_correct grades it against record["answer"] and record["choices"].
-    Ranks take every world_size-th question; the counts are summed. Returns (accuracy, n).
-
-    One question at a time: prompts differ in length and the model has no padding mask. Pass
-    the uncompiled model (the KV cache changes shapes every token)."""
-    from data.chat import render_prompt
-    from data.corpus import answer_is_correct
-
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(2, device=device)  # correct, asked
-    for q in questions[rank::world_size]:
-        prompt = render_prompt(tok, q["conversations"])
-        room = min(max_new_tokens, model.config.max_seq_len - len(prompt))
-        if room < 1:
-            continue  # the caller filters these out up front (fits_for_answer); never counted
-        idx = torch.tensor([prompt], device=device)
-        reply = []
-        with ctx:
-            for t in model.stream(idx, room, temperature=0.0, eos_id=tok.im_end_id):
-                if t.item() == tok.im_end_id:
-                    break
-                reply.append(t.item())
-        counts[0] += answer_is_correct(tok.decode(reply), q["answer"], q["choices"])
-        counts[1] += 1
-    model.train(was_training)
-    if world_size > 1:
-        dist.all_reduce(counts)
-    correct, asked = counts.tolist()
-    return correct / max(asked, 1), int(asked)
-
-
-def answer_questions(eval_path: str | None, data_dir: str | None, tok, max_seq_len: int, n: int):
-    """(questions, path): up to n held-out questions for answer_accuracy from an SFT-format jsonl
-    whose records carry "answer" and "choices" keys: eval_path if given, else the data directory's
-    sft_test.jsonl if there is one (the embedded corpus has it), else none. Questions whose prompt
-    leaves no room for a reply within max_seq_len are left out."""
-    from data.chat import render_prompt
-    from data.readers import DataError, read_sft_jsonl
-
-    path = eval_path or (data_dir and os.path.join(data_dir, "sft_test.jsonl"))
-    if n <= 0 or not path or (eval_path is None and not os.path.exists(path)):
-        return [], None
-    try:
-        records = read_sft_jsonl(path)
-    except DataError as e:
-        die(str(e))
-    if not all("answer" in r and "choices" in r for r in records):
-        die(f"{path}: answer accuracy needs every record to carry \"answer\" and \"choices\" keys "
-            f"(as data/embedded/sft_test.jsonl does)")
-    fit = [r for r in records if len(render_prompt(tok, r["conversations"])) + 8 <= max_seq_len]
-    if len(fit) < len(records):
-        print0(f"{path}: {len(records) - len(fit)} of {len(records)} questions do not fit max_seq_len="
-               f"{max_seq_len} with room for a reply; left out")
-    return fit[:n], path

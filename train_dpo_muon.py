@@ -23,10 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import (shard, gathered, load_optimizer_state, wrap_model, EXIT_INTERRUPTED, MetricsLogger, answer_accuracy, answer_questions, any_rank, catch_interrupts,
-                    check_model_matches, check_resume, cleanup_distributed, die, load_checkpoint,
-                    load_checkpoint_tokenizer, lock_out_dir, print0, resolve_chat_data, rng_state, save_checkpoint,
-                    set_rng_state, setup_run, split_val, step_speed, stop_on_nan, total_steps_of, train_arg_parser, warn)
+from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, bounded, catch_interrupts, check_model_matches,
+                    check_resume, cleanup_distributed, die, gathered, load_checkpoint, load_checkpoint_tokenizer,
+                    load_optimizer_state, load_resume_checkpoint, lock_out_dir, print0, rng_state, save_checkpoint,
+                    set_rng_state, setup_run, shard, step_speed, stop_on_nan, total_steps_of, train_arg_parser, warn,
+                    wrap_model)
+from data.chat import answer_accuracy, answer_questions, resolve_chat_data, split_val
 from data.loaders import DPOLoader, collate_dpo, encode_dpo
 from data.readers import DataError, read_dpo_jsonl
 from model import GPT, ModelConfig, split_params, split_summary
@@ -42,14 +44,15 @@ def parse_args():
     # further steps only drift the model. These LRs separate the held-out pairs of the embedded and
     # the English-task sets in 100 steps without costing answer accuracy (bench/LOG.md: three seeds).
     p.set_defaults(batch_size=16, max_steps=100, lr_muon=1e-3, lr_adamw=1e-4, momentum=0.85,
+                   weight_decay=0.0, momentum_warmup_steps=0, momentum_cooldown_steps=0,
                    warmup_steps=10, eval_interval=100, eval_iters=32, log_interval=10)
-    p.add_argument("--beta", type=float, default=0.1,
+    p.add_argument("--beta", type=bounded(float, 0, above=True), default=0.1,
                    help="strength of the pull toward the reference model (higher: stay closer)")
     p.add_argument("--val_path", default=None, help="DPO validation jsonl (default: 2%% of a --data_path file)")
     p.add_argument("--eval_path", default=None,
                    help="held-out questions with \"answer\"/\"choices\" keys for answer accuracy "
                         "(default: sft_test.jsonl of the data directory; none for a plain file)")
-    p.add_argument("--eval_questions", type=int, default=100, help="questions per answer-accuracy eval (0: off)")
+    p.add_argument("--eval_questions", type=bounded(int, 0), default=100, help="questions per answer-accuracy eval (0: off)")
     return p.parse_args()
 
 
@@ -130,16 +133,21 @@ def evaluate(model, ref_model, val_encoded, args, rank, world_size, device, ctx,
 def main():
     args = parse_args()
     rank, world_size, device, ctx, use_compile = setup_run(args)
-    lock = lock_out_dir(args.out_dir, STAGE, rank)  # noqa: F841 (held until exit)
     # --init_from gives the starting weights (which also become the frozen reference), the shape
     # and the tokenizer; --resume takes the policy, optimizers, data position and RNG from this
     # stage's checkpoint, and the reference again from the --init_from that run started from.
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
+    ckpt = load_resume_checkpoint(ckpt_path, STAGE) if args.resume else None
+    lock = lock_out_dir(args.out_dir, STAGE, rank)  # noqa: F841 (held until exit)
     args.init_from = args.init_from or os.path.join(args.out_dir, "sft.pt")
     init = load_checkpoint(args.init_from)
-    ckpt = load_checkpoint(ckpt_path) if args.resume else init
+    if ckpt is None:
+        ckpt = init
     start_path = ckpt_path if args.resume else args.init_from
-    train_file, val_file, data_dir = resolve_chat_data(STAGE, args.data_path, rank, world_size)
+    try:
+        train_file, val_file, data_dir = resolve_chat_data(STAGE, args.data_path, rank, world_size)
+    except DataError as e:
+        die(str(e))
     tok = load_checkpoint_tokenizer(ckpt, start_path, data_dir)
     check_model_matches(ckpt, args, tok.fingerprint, start_path)
     config = ModelConfig(**ckpt["model_config"])
@@ -154,6 +162,8 @@ def main():
         train_encoded, cut = encode_dpo(tok, train_records, config.max_seq_len, train_file)
         val_encoded, _ = encode_dpo(tok, val_records, config.max_seq_len, args.val_path or val_file or "the val pairs")
         train_loader = DPOLoader(train_encoded, args.batch_size, rank, world_size, seed=args.seed, pad_id=tok.pad_id)
+        questions, eval_path, left_out = answer_questions(args.eval_path, data_dir, tok, config.max_seq_len,
+                                                          args.eval_questions)
     except DataError as e:
         die(str(e))
     # such pairs are dropped: their loss stays at ln 2 with zero gradient
@@ -163,14 +173,13 @@ def main():
     if cut["identical_cut"]:
         warn(f"{cut['identical_cut']:,} of {len(train_records):,} pairs differ only after max_seq_len="
              f"{config.max_seq_len} tokens: dropped, since cut there their loss stays at ln 2 with zero gradient; "
-             f"raise --max_seq_len (the model's context, set when pretraining) to train on them")
+             f"shorten them, or start from a model pretrained with a longer context")
     print0(f"data: {train_file}: {len(train_records):,} pairs, {cut['truncated']:,} longer than max_seq_len="
            f"{config.max_seq_len} (truncated; {cut['no_reply']:,} of them dropped: a reply lost all its tokens); "
            f"{len(train_encoded):,} pairs kept, {len(val_encoded):,} val pairs")
-    questions, eval_path = answer_questions(args.eval_path, data_dir, tok, config.max_seq_len, args.eval_questions)
     total_steps = total_steps_of(args, train_loader.batches_per_epoch / args.accumulation_steps)
     if args.resume:
-        check_resume(ckpt, ckpt_path, STAGE, args, total_steps)
+        check_resume(ckpt, ckpt_path, args, total_steps, world_size)
         if os.path.abspath(ckpt.get("init_from") or "") != os.path.abspath(args.init_from):
             die(f"{ckpt_path} was trained against the reference --init_from {ckpt.get('init_from')}, not "
                 f"{args.init_from}; resume with the same --init_from (the reference must not change mid-run)")
@@ -181,7 +190,9 @@ def main():
     print0(f"{pairs_per_step} pairs per step, {total_steps} steps "
            f"({total_steps * pairs_per_step / len(train_encoded):.2f} epochs), beta {args.beta}; "
            + (f"answer accuracy on {len(questions)} questions from {eval_path}" if questions
-              else "no answer accuracy (no --eval_path)"))
+              else "no answer accuracy (no --eval_path)")
+           + (f" ({left_out} more leave no room for a reply within max_seq_len={config.max_seq_len}: left out)"
+              if left_out else ""))
 
     # ---------------------------------------------------------------- models: policy and frozen reference
     raw_model = GPT(config).to(device)
@@ -225,6 +236,7 @@ def main():
         print0(f"resumed {ckpt_path} at step {step} (saved by {ckpt['world_size']} process(es))")
     metrics = {k: ckpt[k] for k in ("val_loss", "val_reward_acc", "pref_acc", "answer_acc")
                if args.resume and k in ckpt}
+    val_step = ckpt.get("val_step") if args.resume else None  # the step of those metrics, logged by that run
     del ckpt, init
 
     def save(step, metrics):
@@ -238,7 +250,7 @@ def main():
                 "scaler": scaler.state_dict(), "skipped_steps": skipped,
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
                 "world_size": world_size, "init_from": args.init_from, "tokenizer_path": tok.name,
-                "tokenizer_fingerprint": tok.fingerprint, **metrics})
+                "tokenizer_fingerprint": tok.fingerprint, "val_step": val_step, **metrics})
 
     # ---------------------------------------------------------------- loop
     # evaluation deals batches and questions to ranks (rank, world_size); under FSDP every forward is
@@ -256,8 +268,8 @@ def main():
     t_log, step_log, history = t_start, step, []
     while True:
         last = step >= total_steps
-        if step % args.eval_interval == 0 or last:
-            metrics = evaluate(model, ref_model, val_encoded, args, *eval_ranks, device, ctx, tok.pad_id)
+        if (step % args.eval_interval == 0 or last) and step != val_step:  # a resumed step has its row
+            metrics, val_step = evaluate(model, ref_model, val_encoded, args, *eval_ranks, device, ctx, tok.pad_id), step
             if not math.isfinite(metrics["val_loss"]):
                 die(f"val loss is {metrics['val_loss']} at step {step}; stopping (the last checkpoint is intact)")
             if questions:
@@ -265,7 +277,7 @@ def main():
             logger.log({"step": step, **metrics})
             if step > start_step:
                 save(step, metrics)
-        elif args.save_interval and step % args.save_interval == 0:
+        elif args.save_interval and step % args.save_interval == 0 and step > start_step:
             save(step, metrics)
         if last:
             break

@@ -20,10 +20,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from common import (gathered, load_optimizer_state, wrap_model, EXIT_INTERRUPTED, MetricsLogger, answer_accuracy, answer_questions, any_rank, catch_interrupts,
-                    check_model_matches, check_resume, cleanup_distributed, die, load_checkpoint,
-                    load_checkpoint_tokenizer, lock_out_dir, print0, resolve_chat_data, rng_state, save_checkpoint,
-                    set_rng_state, setup_run, split_val, step_speed, stop_on_nan, total_steps_of, train_arg_parser)
+from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, bounded, catch_interrupts, check_model_matches,
+                    check_resume, cleanup_distributed, die, gathered, load_checkpoint, load_checkpoint_tokenizer,
+                    load_optimizer_state, load_resume_checkpoint, lock_out_dir, print0, rng_state, save_checkpoint,
+                    set_rng_state, setup_run, step_speed, stop_on_nan, total_steps_of, train_arg_parser, wrap_model)
+from data.chat import answer_accuracy, answer_questions, resolve_chat_data, split_val
 from data.loaders import SFTLoader, collate_sft, encode_sft
 from data.readers import DataError, read_sft_jsonl
 from model import GPT, ModelConfig, split_params, split_summary
@@ -37,12 +38,13 @@ def parse_args():
     # stage defaults: a short warmup and a few CPU minutes on the embedded data; the LRs are within
     # noise of the best on the embedded and the English-task sets (bench/LOG.md: three seeds)
     p.set_defaults(batch_size=16, max_steps=800, lr_muon=0.01, lr_adamw=1e-4, momentum=0.9,
-                   warmup_steps=10, eval_interval=200, log_interval=10)
+                   weight_decay=0.0, momentum_warmup_steps=0, momentum_cooldown_steps=0,
+                   warmup_steps=10, eval_interval=200, eval_iters=20, log_interval=10)
     p.add_argument("--val_path", default=None, help="SFT validation jsonl (default: 2%% of a --data_path file)")
     p.add_argument("--eval_path", default=None,
                    help="held-out questions with \"answer\"/\"choices\" keys for answer accuracy "
                         "(default: sft_test.jsonl of the data directory; none for a plain file)")
-    p.add_argument("--eval_questions", type=int, default=100, help="questions per answer-accuracy eval (0: off)")
+    p.add_argument("--eval_questions", type=bounded(int, 0), default=100, help="questions per answer-accuracy eval (0: off)")
     return p.parse_args()
 
 
@@ -97,14 +99,19 @@ def evaluate(model, val_encoded, args, rank, world_size, device, ctx, pad_id, to
 def main():
     args = parse_args()
     rank, world_size, device, ctx, use_compile = setup_run(args)
-    lock = lock_out_dir(args.out_dir, STAGE, rank)  # noqa: F841 (held until exit)
     # --init_from gives the weights, shape and tokenizer; --resume takes all three (and the
     # optimizers, data position and RNG) from this stage's own checkpoint instead.
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
+    ckpt = load_resume_checkpoint(ckpt_path, STAGE) if args.resume else None
+    lock = lock_out_dir(args.out_dir, STAGE, rank)  # noqa: F841 (held until exit)
     args.init_from = args.init_from or os.path.join(args.out_dir, "pretrain.pt")
     start_path = ckpt_path if args.resume else args.init_from
-    ckpt = load_checkpoint(start_path)
-    train_file, val_file, data_dir = resolve_chat_data(STAGE, args.data_path, rank, world_size)
+    if ckpt is None:
+        ckpt = load_checkpoint(args.init_from)
+    try:
+        train_file, val_file, data_dir = resolve_chat_data(STAGE, args.data_path, rank, world_size)
+    except DataError as e:
+        die(str(e))
     tok = load_checkpoint_tokenizer(ckpt, start_path, data_dir)
     check_model_matches(ckpt, args, tok.fingerprint, start_path)
     config = ModelConfig(**ckpt["model_config"])
@@ -119,20 +126,23 @@ def main():
         train_encoded, n_cut = encode_sft(tok, train_records, config.max_seq_len)
         val_encoded, _ = encode_sft(tok, val_records, config.max_seq_len)
         train_loader = SFTLoader(train_encoded, args.batch_size, rank, world_size, seed=args.seed, pad_id=tok.pad_id)
+        questions, eval_path, left_out = answer_questions(args.eval_path, data_dir, tok, config.max_seq_len,
+                                                          args.eval_questions)
     except DataError as e:
         die(str(e))
     print0(f"data: {train_file}: {len(train_records):,} conversations, {n_cut:,} longer than max_seq_len="
            f"{config.max_seq_len} (truncated; {len(train_records) - len(train_encoded):,} of them dropped: no "
            f"assistant token left); {len(val_encoded):,} val conversations")
-    questions, eval_path = answer_questions(args.eval_path, data_dir, tok, config.max_seq_len, args.eval_questions)
     total_steps = total_steps_of(args, train_loader.batches_per_epoch / args.accumulation_steps)
     if args.resume:
-        check_resume(ckpt, ckpt_path, STAGE, args, total_steps)
+        check_resume(ckpt, ckpt_path, args, total_steps, world_size)
     examples_per_step = args.batch_size * args.accumulation_steps * world_size
     print0(f"{examples_per_step} conversations per step, {total_steps} steps "
            f"({total_steps * examples_per_step / len(train_encoded):.2f} epochs); "
            + (f"answer accuracy on {len(questions)} questions from {eval_path}" if questions
-              else "no answer accuracy (no --eval_path)"))
+              else "no answer accuracy (no --eval_path)")
+           + (f" ({left_out} more leave no room for a reply within max_seq_len={config.max_seq_len}: left out)"
+              if left_out else ""))
 
     # ---------------------------------------------------------------- model
     raw_model = GPT(config).to(device)
@@ -169,6 +179,7 @@ def main():
         step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
         print0(f"resumed {ckpt_path} at step {step} (saved by {ckpt['world_size']} process(es))")
     metrics = {k: ckpt[k] for k in ("val_loss", "val_bpb", "answer_acc") if args.resume and k in ckpt}
+    val_step = ckpt.get("val_step") if args.resume else None  # the step of those metrics, logged by that run
     del ckpt
 
     def save(step, metrics):
@@ -182,7 +193,7 @@ def main():
                 "scaler": scaler.state_dict(), "skipped_steps": skipped,
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
                 "world_size": world_size, "init_from": args.init_from, "tokenizer_path": tok.name,
-                "tokenizer_fingerprint": tok.fingerprint, **metrics})
+                "tokenizer_fingerprint": tok.fingerprint, "val_step": val_step, **metrics})
 
     # ---------------------------------------------------------------- loop
     # evaluation deals batches and questions to ranks (rank, world_size); under FSDP every forward is
@@ -201,8 +212,8 @@ def main():
     t_log, step_log, history = t_start, step, []
     while True:
         last = step >= total_steps
-        if step % args.eval_interval == 0 or last:
-            metrics = evaluate(model, val_encoded, args, *eval_ranks, device, ctx, tok.pad_id, token_bytes)
+        if (step % args.eval_interval == 0 or last) and step != val_step:  # a resumed step has its row
+            metrics, val_step = evaluate(model, val_encoded, args, *eval_ranks, device, ctx, tok.pad_id, token_bytes), step
             if not math.isfinite(metrics["val_loss"]):
                 die(f"val loss is {metrics['val_loss']} at step {step}; stopping (the last checkpoint is intact)")
             if questions:
@@ -210,7 +221,7 @@ def main():
             logger.log({"step": step, **metrics})
             if step > start_step:
                 save(step, metrics)
-        elif args.save_interval and step % args.save_interval == 0:
+        elif args.save_interval and step % args.save_interval == 0 and step > start_step:
             save(step, metrics)
         if last:
             break

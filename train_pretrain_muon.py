@@ -9,15 +9,16 @@ schedules -> loop (forward, backward, accumulation, gradient sync, clip, both st
 import math
 import os
 import sys
+import textwrap
 import time
 
 import torch
 import torch.distributed as dist
 
-from common import (gathered, load_optimizer_state, wrap_model, EXIT_INTERRUPTED, MetricsLogger, any_rank, catch_interrupts, check_model_matches, check_resume,
-                    cleanup_distributed, die, load_checkpoint, lock_out_dir, print0, rng_state, save_checkpoint,
-                    set_rng_state, setup_run, step_speed, stop_on_nan, synchronized_time, total_steps_of,
-                    train_arg_parser)
+from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, bounded, catch_interrupts, check_model_matches,
+                    check_resume, cleanup_distributed, die, gathered, load_checkpoint, load_optimizer_state,
+                    load_resume_checkpoint, lock_out_dir, print0, rng_state, save_checkpoint, set_rng_state, setup_run,
+                    step_speed, stop_on_nan, synchronized_time, total_steps_of, train_arg_parser, wrap_model)
 from data.loaders import TokenWindowLoader, eval_batches, eval_bytes_per_token
 from data.cache import prepare_source
 from data.readers import DataError
@@ -29,26 +30,31 @@ STAGE = "pretrain"
 # 3.2M parameters on the embedded corpus: a CPU demo in minutes (a checkpoint from before norm_weights had them)
 DEFAULT_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                      max_seq_len=256, norm_weights=True, tie_word_embeddings=True)
+# AdamW's peak LR by --optimizer: AdamW training every parameter wants a lower one than AdamW on the
+# embedding, head and norms beside Muon
+LR_ADAMW = {"muon": 8e-3, "adamw": 2e-3}
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args():
-    p = train_arg_parser(__doc__)
+    defaults = (f"Defaults: where no checkpoint gives the model's shape, {DEFAULT_SHAPE}. --lr_adamw None: "
+                + ", ".join(f"{lr} with --optimizer {opt}" for opt, lr in LR_ADAMW.items()) + ".")
+    p = train_arg_parser(__doc__ + "\n" + textwrap.fill(defaults, 100) + "\n")
     # stage defaults: a model and a run sized for a few minutes on a 2-core CPU
     # (the model shape stays None here: a --resume run takes its shape from the checkpoint)
     # LRs: the best at 768x12 on English and close to it on synthetic stories and Python source; weight decay
-    # and Muon's momentum schedule helped on all three (README: how the defaults were chosen). AdamW training
-    # every parameter (--optimizer adamw) wants a lower LR than AdamW on the embedding, head and norms.
+    # and Muon's momentum schedule helped on all three (README: how the defaults were chosen).
     p.set_defaults(batch_size=16, max_steps=300, lr_muon=0.04, lr_adamw=None, momentum=0.95,
                    weight_decay=0.1, momentum_warmup_steps=100, momentum_cooldown_steps=50,
-                   warmup_steps=20, eval_interval=100)
+                   warmup_steps=20, eval_interval=100, eval_iters=20, log_interval=10)
     p.add_argument("--sample_prompt", default="Mia lives in", help="text continued at the end of the run")
-    p.add_argument("--warmdown_ratio", type=float, default=0.0,
+    p.add_argument("--warmdown_ratio", type=bounded(float, 0, 1), default=0.0,
                    help="0: cosine decay; else flat, then a linear decay over this share of the steps")
-    p.add_argument("--lr_embedding", type=float, default=None, help="peak LR of the token embedding (default: --lr_adamw)")
+    p.add_argument("--lr_embedding", type=bounded(float, 0, above=True), default=None,
+                   help="peak LR of the token embedding (default: --lr_adamw)")
     args = p.parse_args()
     if args.lr_adamw is None:
-        args.lr_adamw = 8e-3 if args.optimizer == "muon" else 2e-3
+        args.lr_adamw = LR_ADAMW[args.optimizer]
     return args
 
 
@@ -107,9 +113,9 @@ def evaluate(model, val_path, batch_size, args, rank, world_size, device, ctx):
 def main():
     args = parse_args()
     rank, world_size, device, ctx, use_compile = setup_run(args)
-    lock = lock_out_dir(args.out_dir, STAGE, rank)  # noqa: F841 (held until exit)
     ckpt_path = os.path.join(args.out_dir, f"{STAGE}.pt")
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    ckpt = load_resume_checkpoint(ckpt_path, STAGE) if args.resume else None
+    lock = lock_out_dir(args.out_dir, STAGE, rank)  # noqa: F841 (held until exit)
     # --init_from: continue pretraining from another run's weights, with fresh optimizers
     init = load_checkpoint(args.init_from) if args.init_from and ckpt is None else None
     for name, default in DEFAULT_SHAPE.items():  # flags given > the checkpoint's shape > defaults
@@ -142,7 +148,7 @@ def main():
         if c is not None:
             check_model_matches(c, args, tok.fingerprint, path)
     if ckpt is not None:
-        check_resume(ckpt, ckpt_path, STAGE, args, total_steps)
+        check_resume(ckpt, ckpt_path, args, total_steps, world_size)
     try:
         # a checkpoint's own shape (its rope_theta, intermediate_size, ... too); the flags checked equal above
         config = ModelConfig(**(ckpt or init)["model_config"]) if (ckpt or init) else ModelConfig(
@@ -181,7 +187,7 @@ def main():
                                    dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
                                   lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda" and not args.fsdp)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")  # fp16 only: else a no-op
-    step, skipped = 0, 0
+    step, skipped, val_loss, val_step = 0, 0, None, None
     if ckpt is not None:
         if muon_opt is not None:
             muon_opt.load_state_dict(ckpt["muon_opt"])
@@ -191,6 +197,7 @@ def main():
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step, skipped = ckpt["step"], ckpt.get("skipped_steps", 0)
+        val_loss, val_step = ckpt.get("val_loss"), ckpt.get("val_step")  # the last evaluation, logged by that run
         print0(f"resumed {ckpt_path} at step {step} (saved by {ckpt['world_size']} process(es))")
     del ckpt
 
@@ -204,7 +211,7 @@ def main():
                 "model_config": vars(config), "muon_opt": muon_state, "adamw_opt": adamw_state,
                 "scaler": scaler.state_dict(), "skipped_steps": skipped,
                 "data": train_loader.state_dict(), "rng": rng_state(device), "args": vars(args),
-                "world_size": world_size, "val_loss": val_loss, "init_from": args.init_from,
+                "world_size": world_size, "val_loss": val_loss, "val_step": val_step, "init_from": args.init_from,
                 "tokenizer_path": os.path.abspath(os.path.join(data_dir, "tokenizer.json")),
                 "tokenizer_fingerprint": tok.fingerprint})
 
@@ -217,14 +224,14 @@ def main():
         return (step % args.log_interval == 0 or step == total_steps or step % args.eval_interval == 0
                 or (args.save_interval and step % args.save_interval == 0))
 
-    t_start, start_step, val_loss = time.time(), step, None
+    t_start, start_step = time.time(), step
     t_log, step_log, history = t_start, step, []
     paused_s = 0.0  # time in evaluations and saves: train_s leaves it out
     while True:
         last = step >= total_steps
-        if step % args.eval_interval == 0 or last:
+        if (step % args.eval_interval == 0 or last) and step != val_step:  # a resumed step has its row
             t_pause = synchronized_time(device)
-            val_loss = evaluate(model, val_path, eval_batch_size, args, rank, world_size, device, ctx)
+            val_loss, val_step = evaluate(model, val_path, eval_batch_size, args, rank, world_size, device, ctx), step
             if not math.isfinite(val_loss):
                 die(f"val loss is {val_loss} at step {step}; stopping (the last checkpoint is intact)")
             val_bpb = val_loss / math.log(2) / val_bytes_per_token
@@ -233,7 +240,7 @@ def main():
             if step > start_step:
                 save(step, val_loss)
             paused_s += time.time() - t_pause
-        elif args.save_interval and step % args.save_interval == 0:
+        elif args.save_interval and step % args.save_interval == 0 and step > start_step:
             t_pause = synchronized_time(device)
             save(step, val_loss)
             paused_s += time.time() - t_pause

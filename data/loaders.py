@@ -206,8 +206,8 @@ def encode_sft(tok, examples: list[dict], max_seq_len: int):
         if fitted is not None:
             out.append(fitted)
     if not out:
-        raise DataError(f"no SFT example keeps an assistant token within max_seq_len={max_seq_len}; "
-                        f"raise --max_seq_len")
+        raise DataError(f"no SFT example keeps an assistant token within max_seq_len={max_seq_len}, the model's "
+                        f"context; shorten the conversations, or start from a model pretrained with a longer one")
     return out, n_truncated
 
 
@@ -239,7 +239,9 @@ def encode_dpo(tok, pairs: list[dict], max_seq_len: int, source: str = "the DPO 
         why = [f"{counts['no_reply']:,} lose a whole reply to the cut" if counts["no_reply"] else "",
                f"{counts['identical_cut']:,} differ only after it" if counts["identical_cut"] else "",
                f"{counts['identical']:,} have the same chosen and rejected reply" if counts["identical"] else ""]
-        fix = "raise --max_seq_len" if counts["no_reply"] or counts["identical_cut"] else "fix the data"
+        fix = ("shorten the pairs, or start from a model pretrained with a longer context"
+               if counts["no_reply"] or counts["identical_cut"]
+               else "fix the data")
         raise DataError(f"{source}: no DPO pair is left to train on within max_seq_len={max_seq_len} "
                         f"({', '.join(w for w in why if w) or 'no pairs'}); {fix}")
     return out, counts

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -126,10 +127,93 @@ def test_dpo_resume_against_another_reference_stops_and_keeps_the_checkpoint(dat
     assert read_bytes(tmp_path / "dpo.pt") == before
 
 
+def val_steps(path):
+    return [row["step"] for row in map(json.loads, open(path)) if "val_loss" in row]
+
+
+@pytest.mark.parametrize("stage", SCRIPTS)
+def test_resume_gets_no_second_val_row_for_the_step_it_continues_from(stage, data_dir, finished, tmp_path):
+    for name in (f"{stage}.pt", f"{stage}_metrics.jsonl"):
+        shutil.copy(finished / name, tmp_path)
+    saved_at = torch.load(tmp_path / f"{stage}.pt", weights_only=True)["step"]
+    init = ["--init_from", str(finished / "sft.pt")] if stage == "dpo" else []
+    run(stage, data_dir, tmp_path, *init, "--resume", "--max_steps", str(2 * saved_at), "--eval_interval",
+        str(saved_at))
+    assert val_steps(tmp_path / f"{stage}_metrics.jsonl") == [0, saved_at, 2 * saved_at]
+
+
+def test_resuming_a_finished_run_with_its_own_step_budget_changes_nothing(data_dir, finished, tmp_path):
+    for name in ("pretrain.pt", "pretrain_metrics.jsonl"):
+        shutil.copy(finished / name, tmp_path)
+    before = {name: read_bytes(tmp_path / name) for name in ("pretrain.pt", "pretrain_metrics.jsonl")}
+    r = run("pretrain", data_dir, tmp_path, "--resume", "--max_steps", "4", "--eval_interval", "4")
+    assert "done:" in r.stdout
+    assert {name: read_bytes(tmp_path / name) for name in before} == before
+
+
+@pytest.mark.parametrize("stage, flags", [("pretrain", ["--batch_size", "2"]),
+                                          ("pretrain", ["--accumulation_steps", "2"]),
+                                          ("sft", ["--batch_size", "8"])])
+def test_resume_with_another_global_batch_stops_naming_old_and_new_and_keeps_every_file(
+        stage, flags, data_dir, finished, tmp_path):
+    # the step, the schedules, the data position and the logged tokens all count steps of the saved batch
+    for name in (f"{stage}.pt", f"{stage}_metrics.jsonl"):
+        shutil.copy(finished / name, tmp_path)
+    before = {name: read_bytes(tmp_path / name) for name in os.listdir(tmp_path)}
+    error = one_error(run(stage, data_dir, tmp_path, "--resume", "--max_steps", "8", *flags, check=False))
+    new = 4 * int(flags[1]) if flags[0] == "--accumulation_steps" else int(flags[1])
+    assert "global batch of 4" in error and f"has {new}" in error, error
+    assert {name: read_bytes(tmp_path / name) for name in before} == before
+
+
+@pytest.mark.parametrize("flags, saved", [(["--weight_decay", "0.3"], "--weight_decay 0.1"),
+                                          (["--normuon"], "--no-normuon"),
+                                          (["--ns_coefficients", "polar_express"], "--ns_coefficients quintic"),
+                                          (["--seed", "7"], "--seed 1337")])
+def test_resume_with_a_setting_the_checkpoint_keeps_stops_naming_the_saved_value(
+        flags, saved, data_dir, finished, tmp_path):
+    # the optimizers' saved state puts these back over the flags (the seed: the data order), so a changed
+    # value would be silently ignored
+    shutil.copy(finished / "pretrain.pt", tmp_path)
+    before = read_bytes(tmp_path / "pretrain.pt")
+    error = one_error(run("pretrain", data_dir, tmp_path, "--resume", "--max_steps", "8", *flags, check=False))
+    assert saved in error and " ".join(flags) in error, error
+    assert read_bytes(tmp_path / "pretrain.pt") == before
+
+
+def test_resume_may_change_the_learning_rate_which_is_set_every_step(data_dir, finished, tmp_path):
+    shutil.copy(finished / "pretrain.pt", tmp_path)
+    run("pretrain", data_dir, tmp_path, "--resume", "--max_steps", "5", "--eval_interval", "5", "--lr_muon", "0.01",
+        "--warmup_steps", "0", "--min_lr_ratio", "1")
+    rows = [json.loads(line) for line in open(tmp_path / "pretrain_metrics.jsonl")]
+    assert [row["lr_muon"] for row in rows if "loss" in row] == [0.01]
+
+
+@pytest.mark.parametrize("stage", SCRIPTS)
+def test_resume_without_a_checkpoint_says_to_drop_resume_and_creates_nothing(stage, data_dir, tmp_path):
+    out = tmp_path / "new_run"
+    error = one_error(run(stage, data_dir, out, "--resume", "--max_steps", "2", check=False))
+    assert f"no {stage} checkpoint" in error and "drop --resume" in error and "--out_dir" in error, error
+    assert "previous stage" not in error, error
+    assert not out.exists()
+
+
+def test_resume_into_the_out_dir_of_another_stage_names_what_it_holds(data_dir, finished, tmp_path):
+    shutil.copy(finished / "pretrain.pt", tmp_path)
+    error = one_error(run("sft", data_dir, tmp_path, "--resume", "--max_steps", "2", check=False))
+    assert "no sft checkpoint" in error and "holds pretrain.pt" in error and "drop --resume" in error, error
+    assert sorted(os.listdir(tmp_path)) == ["pretrain.pt"]
+
+
 # ------------------------------------------------------------------------------ flags
 
-@pytest.mark.parametrize("stage, flag, value", [("pretrain", "--max_steps", "-1"), ("sft", "--lr_muon", "0"),
-                                                ("dpo", "--batch_size", "0"), ("pretrain", "--momentum", "1.5")])
+@pytest.mark.parametrize("stage, flag, value", [
+    ("pretrain", "--max_steps", "-1"), ("sft", "--lr_muon", "0"), ("dpo", "--batch_size", "0"),
+    ("pretrain", "--momentum", "1.5"), ("pretrain", "--seed", str(2 ** 70)), ("sft", "--seed", "-1"),
+    ("dpo", "--beta", "0"), ("dpo", "--beta", "-0.1"), ("dpo", "--beta", "nan"), ("sft", "--lr_adamw", "nan"),
+    ("pretrain", "--weight_decay", "inf"), ("pretrain", "--warmdown_ratio", "nan"),
+    ("pretrain", "--warmdown_ratio", "1.5"), ("pretrain", "--lr_embedding", "-1"), ("sft", "--eval_questions", "-1"),
+    ("dpo", "--eval_questions", "-3"), ("pretrain", "--device", "gpu"), ("sft", "--device", "cuda:x")])
 def test_an_out_of_range_number_is_refused_at_parse_time_before_anything_is_written(
         stage, flag, value, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
@@ -144,6 +228,31 @@ def test_an_out_of_range_number_is_refused_at_parse_time_before_anything_is_writ
     assert stop.value.code == 2  # argparse's usage error
     assert f"argument {flag}" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_cuda_device_past_the_gpus_there_stops_naming_the_ones_there(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit) as stop:
+        common.setup_distributed("cuda:9")
+    assert stop.value.code != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cuda:9" in errors[0] and "cuda:0 to cuda:1" in errors[0], errors
+
+
+@pytest.mark.parametrize("stage", SCRIPTS)
+def test_help_shows_each_stages_own_defaults(stage, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [SCRIPTS[stage], "--help"])
+    with pytest.raises(SystemExit):
+        MODULES[stage].parse_args()
+    text = " ".join(capsys.readouterr().out.split("options:")[1].split())  # argparse wraps lines
+    monkeypatch.setattr(sys, "argv", [SCRIPTS[stage]])
+    args = MODULES[stage].parse_args()
+    for flag in ("max_steps", "lr_muon", "momentum", "weight_decay", "momentum_warmup_steps", "warmup_steps",
+                 "eval_interval", "eval_iters"):
+        shown = re.search(rf"--{flag} {flag.upper()} [^(]*\(.*?default: ([^);]+)", text).group(1)
+        assert float(shown) == getattr(args, flag), (flag, shown)
+    assert "pretraining's default" not in text
 
 
 # ------------------------------------------------------------------------------ out_dir

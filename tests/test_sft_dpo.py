@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from common import save_checkpoint
-from data.chat import render_conversation
+from data.chat import answer_questions, render_conversation, resolve_chat_data, split_val
 from data.loaders import collate_dpo, collate_sft, encode_dpo
 from data.prepare import prepare_default
 from data.tokenizer import load_tokenizer
-from data.readers import read_dpo_jsonl
+from data.readers import DataError, read_dpo_jsonl
 from model import GPT, ModelConfig, split_params
 from muon import Muon
 from train_dpo_muon import dpo_loss, pair_logps, sequence_logps
@@ -250,3 +250,67 @@ def test_sft_logs_val_bits_per_byte_of_the_assistant_text(data_dir, init_ckpts, 
     ratios = [rows[s]["val_loss"] / rows[s]["val_bpb"] / math.log(2) for s in (0, 2, 4)]
     assert 1 < ratios[0] < 10 and max(ratios) - min(ratios) < 1e-4 * ratios[0], ratios
     assert rows[4]["val_bpb"] < rows[0]["val_bpb"]
+
+
+@pytest.mark.parametrize("stage", SCRIPTS)
+def test_data_too_long_for_the_models_context_names_a_fix_this_stage_accepts(stage, data_dir, init_ckpts, tmp_path):
+    # the model's max_seq_len (160 here) comes from --init_from; this stage refuses another --max_seq_len
+    prompt = "Tell me about the red fox and the blue bird. " * 40
+    if stage == "sft":
+        records = [{"conversations": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "Red."}]}]
+    else:
+        records = [{"prompt": prompt, "chosen": "Red.", "rejected": "Blue."}]
+    path = tmp_path / f"{stage}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records * 4))
+    r = run(stage, str(path), tmp_path / "out", init_ckpts[stage], "--val_path", str(path), "--max_steps", "2",
+            check=False)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "max_seq_len=160" in errors[0] and "pretrained with a longer" in errors[0], errors[0]
+    assert "--max_seq_len" not in errors[0], errors[0]  # a flag this stage would refuse: the model's shape is fixed
+    assert not os.path.exists(tmp_path / "out" / f"{stage}.pt")
+
+
+# ------------------------------------------------------------------------------- the chat data of a stage
+
+def test_split_val_of_fewer_than_two_records_raises_a_data_error_naming_the_fix():
+    with pytest.raises(DataError, match="--val_path"):
+        split_val([{"conversations": []}], seed=0)
+
+
+def test_split_val_holds_out_a_seeded_share_and_keeps_every_record_once():
+    records = list(range(100))
+    train, val = split_val(records, seed=3)
+    assert len(val) == 2 and sorted(train + val) == records
+    assert split_val(records, seed=3) == (train, val) and split_val(records, seed=4)[1] != val
+
+
+def test_a_chat_data_directory_without_the_stages_file_raises_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="no dpo_train.jsonl"):
+        resolve_chat_data("dpo", str(tmp_path), rank=0, world_size=1)
+    with pytest.raises(DataError, match="no such file"):
+        resolve_chat_data("sft", str(tmp_path / "nope.jsonl"), rank=0, world_size=1)
+
+
+def test_answer_questions_leaves_out_and_counts_prompts_with_no_room_for_a_reply(data_dir, tmp_path):
+    tok = load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
+    question = {"conversations": [{"role": "user", "content": "Is red a colour?"},
+                                  {"role": "assistant", "content": "Yes."}], "answer": "yes", "choices": ["yes", "no"]}
+    long = dict(question, conversations=[{"role": "user", "content": "Is red a colour? " * 40},
+                                         {"role": "assistant", "content": "Yes."}])
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in (question, long, question)))
+    questions, used, left_out = answer_questions(str(path), None, tok, max_seq_len=64, n=10)
+    assert (len(questions), used, left_out) == (2, str(path), 1)
+    path.write_text(json.dumps({"conversations": question["conversations"]}) + "\n")
+    with pytest.raises(DataError, match="answer"):
+        answer_questions(str(path), None, tok, max_seq_len=64, n=10)
+
+
+@pytest.mark.parametrize("stage", SCRIPTS)
+def test_a_data_directory_without_the_stages_file_stops_the_script_with_one_error(stage, data_dir, init_ckpts,
+                                                                                  tmp_path):
+    r = run(stage, str(tmp_path), tmp_path / "out", init_ckpts[stage], "--max_steps", "2", check=False)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1 and f"no {stage}_train.jsonl" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
