@@ -329,7 +329,7 @@ def test_dpo_with_every_pair_identical_within_the_cut_says_to_raise_max_seq_len(
     shared = "Mia has red kites and Tom asked what colour the kite is. " * 4
     pairs = [_pair("Colour?", shared + "Red.", shared + "Blue."), _pair("Kites?", shared + "Two.", shared + "One.")]
     with pytest.raises(DataError, match=r"pairs\.jsonl: no DPO pair is left to train on within max_seq_len=40 "
-                                        r"\(2 differ only after it\); raise --max_seq_len"):
+                                        r"\(2 differ only after it\); shorten the pairs, or start from a model pretrained with a longer context"):
         encode_dpo(tok, pairs, max_seq_len=40, source="pairs.jsonl")
 
 
