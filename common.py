@@ -294,7 +294,8 @@ def load_checkpoint(path: str) -> dict:
         except HFImportError as e:
             die(str(e))
     if not os.path.exists(path):
-        die(f"checkpoint {path} does not exist (train the previous stage first, or check the path)")
+        die(f"checkpoint {path} does not exist; check the path (a stage writes <out_dir>/pretrain.pt, sft.pt or dpo.pt; "
+            f"--init_from also takes a Hugging Face Qwen3 directory)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's message suggests weights_only=False, which would run the file's code: never

@@ -45,7 +45,7 @@ def parse_args(argv=None):
                    help="at least 1; clamped to what fits in the context")
     p.add_argument("--temperature", type=bounded(float, 0), default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=bounded(int, 0), default=40, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--seed", type=bounded(int, 0), default=1337)
+    p.add_argument("--seed", type=bounded(int, 0, 2**64 - 1), default=1337)
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's own")
     return p.parse_args(argv)

@@ -428,3 +428,12 @@ def test_a_second_sigterm_stops_a_run_whose_next_logged_step_is_far_away(data_di
         assert proc.returncode == -signal.SIGTERM, "".join(lines)[-3000:]
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("stage", SCRIPTS)
+def test_init_from_a_missing_path_names_it_and_what_a_stage_writes(stage, data_dir, tmp_path):
+    missing = tmp_path / "nowhere.pt"
+    error = one_error(run(stage, data_dir, tmp_path / "run", "--init_from", str(missing), "--max_steps", "2",
+                          check=False))
+    assert str(missing) in error and "check the path" in error and "previous stage" not in error, error
+    assert not (tmp_path / "run" / f"{stage}.pt").exists()

@@ -104,7 +104,8 @@ def test_max_new_tokens_zero_is_a_flag_error_before_anything_loads(tmp_path):
     ("--temperature", "nan", "a number >= 0"),
     ("--top_k", "-1", "an integer >= 0"),
     ("--top_k", "2.5", "an integer >= 0"),
-    ("--seed", "-1", "an integer >= 0"),
+    ("--seed", "-1", f"an integer >= 0 and <= {2**64 - 1}"),
+    ("--seed", str(2**70), f"an integer >= 0 and <= {2**64 - 1}"),
 ])
 def test_out_of_range_numeric_flags_are_refused_naming_the_flag_and_range(flag, value, rule, capsys):
     with pytest.raises(SystemExit) as e:
