@@ -95,3 +95,12 @@ def run_main(script, *args, stdin=""):
             signal.signal(s, handler)
         gc.collect()  # the run's open files (its out_dir lock) close now, not at some later collection
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def one_error(r) -> str:
+    """The command stopped with exactly one `error:` line and no Traceback; returns that line."""
+    assert r.returncode != 0, r.stdout[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
+    return errors[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common import load_checkpoint, save_checkpoint
-from conftest import run_main
+from conftest import one_error, run_main
 from data.prepare import prepare_default
 from data.tokenizer import load_tokenizer
 from model import GPT, ModelConfig
@@ -34,15 +34,6 @@ def checkpoint(path, data_dir, stage="pretrain", edit=None):
         edit(ckpt)
     save_checkpoint(str(path), ckpt)
     return str(path)
-
-
-def one_error(r) -> str:
-    """The command stopped with exactly one `error:` line and no Traceback; returns that line."""
-    assert r.returncode != 0, r.stdout[-2000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
-    return errors[0]
 
 
 def tree_bytes(root):

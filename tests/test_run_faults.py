@@ -23,7 +23,7 @@ import train_dpo_muon
 import train_full_sft_muon
 import train_pretrain_muon
 from common import EXIT_INTERRUPTED, save_checkpoint
-from conftest import run_main, script_env
+from conftest import one_error, run_main, script_env
 from data.prepare import prepare_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,15 +56,6 @@ def run(stage, data_dir, out_dir, *flags, check=True):
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
-
-
-def one_error(r) -> str:
-    """The run stopped with exactly one `error:` line and no Traceback; returns that line."""
-    assert r.returncode != 0, r.stdout[-2000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
-    return errors[0]
 
 
 def read_bytes(path):
