@@ -423,7 +423,11 @@ def gathered(state):
 
 def load_optimizer_state(optimizer, state_dict):
     """optimizer.load_state_dict, then the whole state tensors of each FSDP-sharded parameter cut to its shard."""
-    optimizer.load_state_dict(state_dict)
+    try:
+        optimizer.load_state_dict(state_dict)
+    except ValueError as e:  # other parameter groups: a checkpoint of another version of these scripts
+        die(f"--resume: the checkpoint's optimizer state does not fit this script's optimizer ({e}); a checkpoint of "
+            f"another version cannot be resumed: start a new run from it with --init_from")
     for p, state in optimizer.state.items():
         if isinstance(p, DTensor):
             for k, v in state.items():

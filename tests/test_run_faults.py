@@ -428,3 +428,14 @@ def test_init_from_a_missing_path_names_it_and_what_a_stage_writes(stage, data_d
                           check=False))
     assert str(missing) in error and "check the path" in error and "previous stage" not in error, error
     assert not (tmp_path / "run" / f"{stage}.pt").exists()
+
+
+def test_resuming_an_optimizer_state_of_another_layout_stops_with_one_error_and_keeps_the_file(finished, data_dir,
+                                                                                               tmp_path):
+    ckpt = torch.load(finished / "pretrain.pt", weights_only=False)
+    ckpt["adamw_opt"]["param_groups"] = ckpt["adamw_opt"]["param_groups"][:2]  # two groups, as older scripts saved
+    torch.save(ckpt, tmp_path / "pretrain.pt")
+    before = (tmp_path / "pretrain.pt").read_bytes()
+    error = one_error(run("pretrain", data_dir, tmp_path, "--resume", "--max_steps", "8", check=False))
+    assert "optimizer state" in error and "--init_from" in error, error
+    assert (tmp_path / "pretrain.pt").read_bytes() == before
