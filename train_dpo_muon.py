@@ -28,7 +28,8 @@ from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, bounded, catch_in
                     load_optimizer_state, load_resume_checkpoint, lock_out_dir, print0, rng_state, save_checkpoint,
                     set_rng_state, setup_run, shard, step_speed, stop_on_nan, total_steps_of, train_arg_parser, warn,
                     wrap_model)
-from data.chat import answer_accuracy, answer_questions, resolve_chat_data, split_val
+from data.cache import resolve_chat_data
+from data.chat import answer_accuracy, answer_questions, split_val
 from data.loaders import DPOLoader, collate_dpo, encode_dpo
 from data.readers import DataError, read_dpo_jsonl
 from model import GPT, ModelConfig, split_params, split_summary

@@ -24,7 +24,8 @@ from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, bounded, catch_in
                     check_resume, cleanup_distributed, die, gathered, load_checkpoint, load_checkpoint_tokenizer,
                     load_optimizer_state, load_resume_checkpoint, lock_out_dir, print0, rng_state, save_checkpoint,
                     set_rng_state, setup_run, step_speed, stop_on_nan, total_steps_of, train_arg_parser, wrap_model)
-from data.chat import answer_accuracy, answer_questions, resolve_chat_data, split_val
+from data.cache import resolve_chat_data
+from data.chat import answer_accuracy, answer_questions, split_val
 from data.loaders import SFTLoader, collate_sft, encode_sft
 from data.readers import DataError, read_sft_jsonl
 from model import GPT, ModelConfig, split_params, split_summary

@@ -1,5 +1,5 @@
 """Chat data: ChatML rendering of a conversation into token ids and a loss mask, where a stage's
-chat data is (and its validation split), and answer accuracy, the evaluation of a chat model on it.
+chat data's validation split, and answer accuracy, the evaluation of a chat model on it.
 
     <|bos|><|im_start|>system\\n{content}<|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n
     <|im_start|>assistant\\n{content}<|im_end|>\\n ...
@@ -13,7 +13,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from data.cache import EMBEDDED_DIR, ensure_prepared
 from data.corpus import answer_is_correct
 from data.readers import DataError, read_sft_jsonl
 
@@ -51,30 +50,6 @@ def render_prompt(tok, messages: list[dict]) -> list[int]:
 
 
 # ------------------------------------------------------------------------ the data of a chat stage
-
-def resolve_chat_data(kind: str, data_path: str | None, rank: int, world_size: int):
-    """Where the SFT or DPO data of a run is: (train_file, val_file or None, data_dir or None).
-
-    Nothing: the embedded corpus (rank 0 prepares it on first use). A directory: its
-    <kind>_train.jsonl and <kind>_val.jsonl (as data/prepare.py writes them). A .jsonl file:
-    that file alone; the caller then splits a validation set off it (split_val) or reads --val_path.
-    """
-    if data_path is None:
-        if rank == 0:
-            ensure_prepared(EMBEDDED_DIR)
-        if world_size > 1:
-            dist.barrier()
-        data_path = EMBEDDED_DIR
-    if os.path.isdir(data_path):
-        train, val = (os.path.join(data_path, f"{kind}_{split}.jsonl") for split in ("train", "val"))
-        if not os.path.exists(train):
-            raise DataError(f"--data_path {data_path}: directory has no {kind}_train.jsonl; give a .jsonl file or a "
-                            f"directory prepared by data/prepare.py with --{kind}_path")
-        return train, val if os.path.exists(val) else None, data_path
-    if not os.path.exists(data_path):
-        raise DataError(f"--data_path {data_path}: no such file or directory")
-    return data_path, None, None
-
 
 def split_val(records: list, seed: int, fraction: float = 0.02):
     """(train, val): about `fraction` of the records (at least one) held out, chosen by seed."""

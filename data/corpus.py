@@ -15,6 +15,7 @@ which value belongs to whom, which a model this small barely learns. The hedged
 forms outnumber the plain one so that the SFT model's preference is one-sided:
 with all four forms equally common it is a coin toss (bench/LOG.md).
 """
+import hashlib
 import functools
 import random
 import re
@@ -340,3 +341,11 @@ def build_corpus(seed: int = 1337, n_stories: int = 40000, n_sft: int = 20000, n
         "sft": {"train": sft_train, "val": splits[("sft", "val")], "test": splits[("sft", "test")]},
         "dpo": {"train": dpo_train, "val": splits[("dpo", "val")], "test": splits[("dpo", "test")]},
     }
+
+
+def corpus_fingerprint() -> str:
+    """A hash of this file's source, recorded in an embedded corpus's meta.json. Any edit to
+    the generator changes it (a version number to bump by hand could be forgotten); a stale
+    corpus costs a few seconds to regenerate, training on one costs a wrong result."""
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]

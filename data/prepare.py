@@ -30,9 +30,10 @@ if __name__ == "__main__" and not __package__:  # `python data/prepare.py` from 
 
 import numpy as np
 
-from data.cache import corpus_fingerprint, source_identity
+from data.corpus import corpus_fingerprint
 from data.loaders import token_dtype
-from data.readers import DataError, pretrain_files, read_dpo_jsonl, read_pretrain_texts, read_sft_jsonl
+from data.readers import (DataError, pretrain_files, read_dpo_jsonl, read_pretrain_texts, read_sft_jsonl,
+                          source_identity)
 from data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
 
 CHAT_FILES = tuple(f"{kind}_{split}.jsonl" for kind in ("sft", "dpo") for split in ("train", "val", "test"))

@@ -4,6 +4,7 @@ Accepted formats are MiniMind's and the Hugging Face conventions (see each funct
 Every problem a user can fix raises DataError naming the file, the 1-based line where there
 is one, and what to change; the scripts print just that message and exit 1.
 """
+import hashlib
 import importlib.util
 import json
 import os
@@ -367,3 +368,36 @@ def read_dpo_jsonl(path: str) -> list[dict]:
     if not out:
         raise _no_records(path, "DPO preference pairs")
     return out
+
+
+HASH_CHUNK = 1 << 23  # bytes per read when hashing a source file
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(HASH_CHUNK):
+                h.update(block)
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}); check that it is a file you may read") from None
+    return h.hexdigest()
+
+
+def source_identity(path: str, quiet: bool = True) -> dict:
+    """{"path", "sha256", "bytes"} of a data file, or of a folder of pretraining files (its hash
+    then covers each file's name and bytes). The bytes are hashed in full: size and mtime alike
+    survive an edit within one mtime tick, a copy that keeps timestamps, or a restore from a
+    backup, and training on stale tokens is a silently wrong result, while a streamed sha256
+    costs a small fraction of tokenizing the same bytes."""
+    path = os.path.realpath(path)
+    files = pretrain_files(path) if os.path.isdir(path) else [path]
+    size = sum(os.path.getsize(f) for f in files)
+    if size > 1e9:
+        print(f"hashing {path} ({size / 1e9:,.1f} GB) to tell whether it was prepared before...", flush=True) if not quiet else None
+    if os.path.isdir(path):
+        listing = "".join(f"{os.path.relpath(f, path)}\0{_file_sha256(f)}\n" for f in files)
+        digest = hashlib.sha256(listing.encode("utf-8")).hexdigest()
+    else:
+        digest = _file_sha256(path)
+    return {"path": path, "sha256": digest, "bytes": size}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from common import save_checkpoint
-from data.chat import answer_questions, render_conversation, resolve_chat_data, split_val
+from data.cache import resolve_chat_data
+from data.chat import answer_questions, render_conversation, split_val
 from data.loaders import collate_dpo, collate_sft, encode_dpo
 from data.prepare import prepare_default
 from data.tokenizer import load_tokenizer
