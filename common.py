@@ -204,13 +204,21 @@ def setup_run(args):
 def wrap_model(raw_model, args, use_compile: bool):
     """The model the loop calls: raw_model with each block's activations recomputed in the backward
     (--activation_checkpointing), sharded by FSDP2 (--fsdp: fully_shard on every block, then on the rest, so
-    a block's weights are gathered only while it runs; parameters become DTensor row shards in place), then
+    a block's weights are gathered only while it runs; parameters become DTensor row shards in place), and
     compiled with static shapes (an eval batch smaller than the training batch must not recompile the
-    training graph with a symbolic batch size). Split the parameters after this call."""
+    training graph with a symbolic batch size): the whole model, or under FSDP each block and the output.
+    Split the parameters after this call."""
     raw_model.checkpoint_blocks = args.activation_checkpointing
-    if args.fsdp:
-        shard(raw_model)
-    return torch.compile(raw_model, dynamic=False) if use_compile else raw_model
+    if not args.fsdp:
+        return torch.compile(raw_model, dynamic=False) if use_compile else raw_model
+    if use_compile:
+        # FSDP2 gathers and frees weights in hooks around each block, which would break one whole-model graph
+        # into pieces at every block: compile each block, and the output (norm, head, loss) alone, instead
+        for block in raw_model.layers:
+            block.compile(dynamic=False)
+        raw_model.output = torch.compile(raw_model.output, dynamic=False)
+    shard(raw_model)
+    return raw_model
 
 
 def shard(model):
@@ -391,7 +399,7 @@ def check_resume(ckpt: dict, path: str, args, total_steps: int, world_size: int)
     saved = ckpt["args"]
     if saved["optimizer"] != args.optimizer:
         die(f"{path} was trained with --optimizer {saved['optimizer']}; resume with the same")
-    fixed = ["seed", "weight_decay"]
+    fixed = ["seed", "weight_decay", "weight_decay_embedding"]
     if args.optimizer == "muon":
         fixed += ["ns_coefficients", "normuon", "cautious_wd"] + (["normuon_beta2"] if args.normuon else [])
     for name in fixed:

@@ -262,6 +262,11 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, i, kv_cache)
         if kv_cache is not None:
             kv_cache.seq_len += T
+        return self.output(x, targets, loss_mask)
+
+    def output(self, x, targets=None, loss_mask=None):
+        """The last hidden states -> forward's (logits, None) or (None, loss): the final norm, the head and
+        the masked mean cross-entropy (one function, so it compiles into one graph on its own)."""
         logits = self.lm_head(self.norm(x)).float()  # float32 even under autocast: softmax over V
         if targets is None:
             return logits, None
@@ -299,10 +304,12 @@ class GPT(nn.Module):
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         tokens, unseen = idx, idx  # unseen: tokens the cache has not been fed yet
         for _ in range(max_new_tokens):
-            if use_cache:
-                logits, _ = self(unseen, kv_cache=cache)
-            else:
-                logits, _ = self(tokens[:, -self.config.max_seq_len:])
+            # eager: the shapes change every token, so blocks compiled for training (under FSDP) would recompile
+            with torch.compiler.set_stance("force_eager"):
+                if use_cache:
+                    logits, _ = self(unseen, kv_cache=cache)
+                else:
+                    logits, _ = self(tokens[:, -self.config.max_seq_len:])
             next_token = sample_next(logits[:, -1, :], temperature, top_k)
             if eos_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)

@@ -52,6 +52,9 @@ def parse_args():
                    help="0: cosine decay; else flat, then a linear decay over this share of the steps")
     p.add_argument("--lr_embedding", type=bounded(float, 0, above=True), default=None,
                    help="peak LR of the token embedding (default: --lr_adamw)")
+    p.add_argument("--weight_decay_embedding", type=bounded(float, 0), default=None,
+                   help="decoupled weight decay of the token embedding (default: --weight_decay); an untied "
+                        "embedding trained at a high --lr_embedding wants little or none")
     args = p.parse_args()
     if args.lr_adamw is None:
         args.lr_adamw = LR_ADAMW[args.optimizer]
@@ -181,7 +184,8 @@ def main():
     # head; every matrix with --optimizer adamw), the vectors (no weight decay)
     embedding = raw_model.embed_tokens.weight
     adamw_peaks = [args.lr_embedding or args.lr_adamw, args.lr_adamw, args.lr_adamw]
-    adamw_opt = torch.optim.AdamW([dict(params=[embedding], weight_decay=args.weight_decay),
+    embedding_wd = args.weight_decay if args.weight_decay_embedding is None else args.weight_decay_embedding
+    adamw_opt = torch.optim.AdamW([dict(params=[embedding], weight_decay=embedding_wd),
                                    dict(params=[p for p in adamw_params if p.ndim >= 2 and p is not embedding],
                                         weight_decay=args.weight_decay),
                                    dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],

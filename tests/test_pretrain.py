@@ -220,6 +220,58 @@ def test_a_run_moves_between_fsdp_distmuon_and_one_process_on_resume(data_dir, t
     assert rows[16]["val_loss"] < rows[8]["val_loss"] < rows[0]["val_loss"]
 
 
+GRAPH_PROBE = """
+import functools, runpy, sys, torch
+sys.path.insert(0, ".")  # the project root: torchrun runs this file from elsewhere
+graphs = []  # one entry per graph dynamo compiles
+def backend(gm, example_inputs):
+    graphs.append(len(gm.graph.nodes))  # its size
+    return gm.forward
+torch.compile = functools.partial(torch.compile, backend=backend)  # the script's own flags, a cheap backend
+sys.argv = ["train_pretrain_muon.py"] + sys.argv[1:]
+try:
+    runpy.run_path("train_pretrain_muon.py", run_name="__main__")
+finally:
+    print("GRAPHS", graphs, flush=True)
+"""
+
+
+def test_fsdp_compiles_each_block_on_its_own_and_samples_eagerly(data_dir, tmp_path):
+    # FSDP2 gathers each block's weights in hooks around it: compiled per block (and the output on its own),
+    # the blocks share their graphs, the same for any depth, and sampling (a new shape every token) adds none
+    probe = tmp_path / "probe.py"
+    probe.write_text(GRAPH_PROBE)
+    graphs = {}
+    for layers in (2, 6):
+        shape = [str(layers) if TINY[i - 1] == "--num_hidden_layers" else a for i, a in enumerate(TINY)]
+        r = run_finished_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(probe),
+                                 "--data_path", data_dir, "--out_dir", str(tmp_path / str(layers)), *shape,
+                                 "--max_steps", "2", "--eval_interval", "2", "--batch_size", "4", "--fsdp", "--compile",
+                                 "--sample_prompt", "Mia lives"],
+                                cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "sample: " in r.stdout and "recompile_limit" not in r.stderr
+        graphs[layers] = [json.loads(line.split(maxsplit=1)[1]) for line in r.stdout.splitlines()
+                          if line.startswith("GRAPHS")]
+    for nodes in (*graphs[2], *graphs[6]):  # each process: block and output, each with and without grad
+        assert len(nodes) <= 4, graphs
+    assert max(graphs[2][0]) == max(graphs[6][0]), graphs  # the largest graph is one block, at any depth
+
+
+def test_the_embedding_takes_its_own_lr_and_weight_decay(data_dir, tmp_path):
+    flags = ["--max_steps", "2", "--eval_interval", "2", "--no-tie_word_embeddings", "--weight_decay", "0.2",
+             "--lr_adamw", "1e-3", "--lr_embedding", "0.05", "--weight_decay_embedding", "0", "--warmup_steps", "0"]
+    pretrain(data_dir, tmp_path, *flags)
+    groups = torch.load(tmp_path / "pretrain.pt", weights_only=True)["adamw_opt"]["param_groups"]
+    embedding, matrices, vectors = groups
+    assert (embedding["weight_decay"], matrices["weight_decay"], vectors["weight_decay"]) == (0.0, 0.2, 0.0)
+    assert embedding["lr"] == pytest.approx(50 * matrices["lr"]) and matrices["lr"] == vectors["lr"] > 0
+    # kept in the optimizer's state, so a resume must not change it
+    r = pretrain(data_dir, tmp_path, *flags[:-4], "--weight_decay_embedding", "0.1", "--max_steps", "4", "--resume",
+                 check=False)
+    assert r.returncode != 0 and "--weight_decay_embedding 0" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_activation_checkpointing_computes_the_same_run(data_dir, tmp_path):
     flags = ["--max_steps", "3", "--eval_interval", "3"]
     pretrain(data_dir, tmp_path / "plain", *flags)
