@@ -104,16 +104,16 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
       help="ramp it back to --momentum_start over the last steps (0: off; default: %(default)s)")
     a("--ns_coefficients", choices=["quintic", "polar_express"], default="quintic",
       help="Newton-Schulz polynomials (default: %(default)s)")
-    a("--normuon", action=argparse.BooleanOptionalAction, default=False, help="NorMuon row/column normalisation")
+    a("--normuon", action=argparse.BooleanOptionalAction, default=False, help="NorMuon row/column normalisation (default: %(default)s)")
     a("--normuon_beta2", type=bounded(float, 0, 1), default=0.95,
       help="NorMuon's second-moment decay (default: %(default)s)")
     a("--cautious_wd", action=argparse.BooleanOptionalAction, default=False,
-      help="Muon decays a weight only where its update has the same sign")
+      help="Muon decays a weight only where its update has the same sign (default: %(default)s)")
     a("--weight_decay", type=nonneg_f, default=None,
       help="decoupled weight decay of both optimizers' matrices (default: %(default)s)")
     a("--warmup_steps", type=nonneg, default=None, help="linear LR warmup steps (default: %(default)s)")
     a("--min_lr_ratio", type=bounded(float, 0, 1), default=0.1,
-      help="cosine decays each LR to this fraction of its peak (default: %(default)s)")
+      help="each LR schedule ends at this fraction of its peak (default: %(default)s)")
     a("--grad_clip", type=nonneg_f, default=1.0, help="clip the global gradient norm (0: off; default: %(default)s)")
     # hardware
     a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")

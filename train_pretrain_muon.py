@@ -27,44 +27,54 @@ from model import GPT, ModelConfig, split_params, split_summary
 from muon import DistMuon, FSDPMuon, Muon, last_step_ms, step_optimizers
 
 STAGE = "pretrain"
-# 3.2M parameters on the embedded corpus: a CPU demo in minutes (a checkpoint from before norm_weights had them)
+# 3.2M parameters on the embedded corpus: a CPU demo in minutes; the head untied, so that the embedding
+# trains at its own LR (a checkpoint missing one of these fields has ModelConfig's default)
 DEFAULT_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                     max_seq_len=256, norm_weights=True, tie_word_embeddings=True)
+                     max_seq_len=256, norm_weights=True, tie_word_embeddings=False)
 # AdamW's peak LR by --optimizer: AdamW training every parameter wants a lower one than AdamW on the
 # embedding, head and norms beside Muon
 LR_ADAMW = {"muon": 8e-3, "adamw": 2e-3}
+# an untied embedding is a lookup table whose rows see few gradients: it trains at a far higher LR than the
+# head, without weight decay (a tied one is the head too and trains as the head does)
+LR_EMBEDDING_UNTIED = 0.4
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args():
     defaults = (f"Defaults: where no checkpoint gives the model's shape, {DEFAULT_SHAPE}. --lr_adamw None: "
-                + ", ".join(f"{lr} with --optimizer {opt}" for opt, lr in LR_ADAMW.items()) + ".")
+                + ", ".join(f"{lr} with --optimizer {opt}" for opt, lr in LR_ADAMW.items()) + ". "
+                f"--lr_embedding None: {LR_EMBEDDING_UNTIED} with an untied head, --lr_adamw with a tied one.")
     p = train_arg_parser(__doc__ + "\n" + textwrap.fill(defaults, 100) + "\n")
     # stage defaults: a model and a run sized for a few minutes on a 2-core CPU
     # (the model shape stays None here: a --resume run takes its shape from the checkpoint)
     # LRs: the best at 768x12 on English and close to it on synthetic stories and Python source; weight decay
-    # and Muon's momentum schedule helped on all three (README: how the defaults were chosen).
+    # and Muon's momentum schedule helped on all three; the warmdown schedule, NorMuon, cautious weight decay
+    # and the untied embedding at its own LR won on Python source at d12, English and the embedded corpus
+    # (README: how the defaults were chosen).
     p.set_defaults(batch_size=16, max_steps=300, lr_muon=0.04, lr_adamw=None, momentum=0.95,
                    weight_decay=0.1, momentum_warmup_steps=100, momentum_cooldown_steps=50,
-                   warmup_steps=20, eval_interval=100, eval_iters=20, log_interval=10)
+                   warmup_steps=20, min_lr_ratio=0.05, normuon=True, cautious_wd=True,
+                   eval_interval=100, eval_iters=20, log_interval=10)
     p.add_argument("--sample_prompt", default="Mia lives in", help="text continued at the end of the run")
-    p.add_argument("--warmdown_ratio", type=bounded(float, 0, 1), default=0.0,
-                   help="0: cosine decay; else flat, then a linear decay over this share of the steps")
+    p.add_argument("--warmdown_ratio", type=bounded(float, 0, 1), default=0.65,
+                   help="flat LR, then a linear decay to --min_lr_ratio over this share of the steps; 0: cosine "
+                        "decay instead (default: %(default)s)")
     p.add_argument("--lr_embedding", type=bounded(float, 0, above=True), default=None,
-                   help="peak LR of the token embedding (default: --lr_adamw)")
+                   help=f"peak LR of the token embedding (default: {LR_EMBEDDING_UNTIED} with an untied head, "
+                        "--lr_adamw with a tied one)")
     p.add_argument("--weight_decay_embedding", type=bounded(float, 0), default=None,
-                   help="decoupled weight decay of the token embedding (default: --weight_decay); an untied "
-                        "embedding trained at a high --lr_embedding wants little or none")
+                   help="decoupled weight decay of the token embedding (default: 0 with an untied head, "
+                        "--weight_decay with a tied one)")
     args = p.parse_args()
     if args.lr_adamw is None:
         args.lr_adamw = LR_ADAMW[args.optimizer]
     return args
 
 
-def cosine_lr(step: int, total_steps: int, peak: float, warmup_steps: int, min_lr_ratio: float,
-              warmdown_ratio: float = 0.0) -> float:
-    """Linear warmup to `peak`, then cosine decay to min_lr_ratio * peak at total_steps; with a
-    warmdown_ratio, flat at `peak` and a linear decay over that share of the steps instead."""
+def lr_schedule(step: int, total_steps: int, peak: float, warmup_steps: int, min_lr_ratio: float,
+                warmdown_ratio: float) -> float:
+    """Linear warmup to `peak`, flat at `peak`, then a linear decay to min_lr_ratio * peak over the last
+    warmdown_ratio of the steps; with warmdown_ratio 0, a cosine decay from the warmup's end instead."""
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
     if warmdown_ratio:
@@ -123,7 +133,12 @@ def main():
     init = load_checkpoint(args.init_from) if args.init_from and ckpt is None else None
     for name, default in DEFAULT_SHAPE.items():  # flags given > the checkpoint's shape > defaults
         if getattr(args, name) is None:
-            setattr(args, name, (ckpt or init)["model_config"].get(name, default) if (ckpt or init) else default)
+            setattr(args, name, (ckpt or init)["model_config"].get(name, ModelConfig.__dataclass_fields__[name].default)
+                    if (ckpt or init) else default)
+    if args.lr_embedding is None:  # a tied embedding is the head too: it trains as the head does
+        args.lr_embedding = args.lr_adamw if args.tie_word_embeddings else LR_EMBEDDING_UNTIED
+    if args.weight_decay_embedding is None:
+        args.weight_decay_embedding = args.weight_decay if args.tie_word_embeddings else 0.0
 
     # ---------------------------------------------------------------- data
     try:
@@ -183,9 +198,8 @@ def main():
     # AdamW's groups: the token embedding (its own peak LR, --lr_embedding), the other matrices (an untied
     # head; every matrix with --optimizer adamw), the vectors (no weight decay)
     embedding = raw_model.embed_tokens.weight
-    adamw_peaks = [args.lr_embedding or args.lr_adamw, args.lr_adamw, args.lr_adamw]
-    embedding_wd = args.weight_decay if args.weight_decay_embedding is None else args.weight_decay_embedding
-    adamw_opt = torch.optim.AdamW([dict(params=[embedding], weight_decay=embedding_wd),
+    adamw_peaks = [args.lr_embedding, args.lr_adamw, args.lr_adamw]
+    adamw_opt = torch.optim.AdamW([dict(params=[embedding], weight_decay=args.weight_decay_embedding),
                                    dict(params=[p for p in adamw_params if p.ndim >= 2 and p is not embedding],
                                         weight_decay=args.weight_decay),
                                    dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
@@ -251,9 +265,9 @@ def main():
         if last:
             break
 
-        # the two schedules: each optimizer its own warmup + cosine, and Muon's momentum
-        lr_muon = cosine_lr(step, total_steps, args.lr_muon, args.warmup_steps, args.min_lr_ratio, args.warmdown_ratio)
-        lr_adamw = cosine_lr(step, total_steps, args.lr_adamw, args.warmup_steps, args.min_lr_ratio, args.warmdown_ratio)
+        # the two schedules: each optimizer its own warmup, flat stretch and warmdown, and Muon's momentum
+        lr_muon = lr_schedule(step, total_steps, args.lr_muon, args.warmup_steps, args.min_lr_ratio, args.warmdown_ratio)
+        lr_adamw = lr_schedule(step, total_steps, args.lr_adamw, args.warmup_steps, args.min_lr_ratio, args.warmdown_ratio)
         momentum = muon_momentum(step, total_steps, args)
         for group in muon_opt.param_groups if muon_opt is not None else []:
             group["lr"], group["momentum"] = lr_muon, momentum

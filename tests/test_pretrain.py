@@ -258,6 +258,23 @@ def test_fsdp_compiles_each_block_on_its_own_and_samples_eagerly(data_dir, tmp_p
     assert max(graphs[2][0]) == max(graphs[6][0]), graphs  # the largest graph is one block, at any depth
 
 
+def test_pretraining_defaults_to_a_warmdown_and_an_untied_embedding_at_its_own_lr(data_dir, tmp_path):
+    pretrain(data_dir, tmp_path / "untied", "--max_steps", "10", "--eval_interval", "10", "--lr_muon", "0.02",
+             "--warmup_steps", "2")
+    rows = metrics(tmp_path / "untied")
+    # the row of step s logs the LR of update s-1: warmup, flat, then linear over the last 65% to 5%
+    expected = [0.01, 0.02, 0.02, 0.02] + [0.02 * (0.05 + 0.95 * (10 - s) / 6.5) for s in range(4, 10)]
+    assert [rows[s]["lr_muon"] for s in range(1, 11)] == pytest.approx(expected, rel=1e-9)
+    ckpt = torch.load(tmp_path / "untied" / "pretrain.pt", weights_only=True)
+    embedding, matrices, _ = ckpt["adamw_opt"]["param_groups"]
+    assert ckpt["model_config"]["tie_word_embeddings"] is False and ckpt["muon_opt"]["param_groups"][0]["normuon"]
+    assert embedding["lr"] == pytest.approx(0.4 / 3e-3 * matrices["lr"]) and embedding["weight_decay"] == 0.0
+    # tied, the embedding is the head as well and trains as the head does
+    pretrain(data_dir, tmp_path / "tied", "--max_steps", "2", "--eval_interval", "2", "--tie_word_embeddings")
+    embedding, matrices, _ = torch.load(tmp_path / "tied" / "pretrain.pt", weights_only=True)["adamw_opt"]["param_groups"]
+    assert (embedding["lr"], embedding["weight_decay"]) == (matrices["lr"], matrices["weight_decay"]) and matrices["lr"] > 0
+
+
 def test_the_embedding_takes_its_own_lr_and_weight_decay(data_dir, tmp_path):
     flags = ["--max_steps", "2", "--eval_interval", "2", "--no-tie_word_embeddings", "--weight_decay", "0.2",
              "--lr_adamw", "1e-3", "--lr_embedding", "0.05", "--weight_decay_embedding", "0", "--warmup_steps", "0"]

@@ -158,7 +158,7 @@ def test_resume_with_another_global_batch_stops_naming_old_and_new_and_keeps_eve
 
 
 @pytest.mark.parametrize("flags, saved", [(["--weight_decay", "0.3"], "--weight_decay 0.1"),
-                                          (["--normuon"], "--no-normuon"),
+                                          (["--no-normuon"], "--normuon"),
                                           (["--ns_coefficients", "polar_express"], "--ns_coefficients quintic"),
                                           (["--seed", "7"], "--seed 1337")])
 def test_resume_with_a_setting_the_checkpoint_keeps_stops_naming_the_saved_value(
