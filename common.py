@@ -104,7 +104,8 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
       help="ramp it back to --momentum_start over the last steps (0: off; default: %(default)s)")
     a("--ns_coefficients", choices=["quintic", "polar_express"], default="quintic",
       help="Newton-Schulz polynomials (default: %(default)s)")
-    a("--normuon", action=argparse.BooleanOptionalAction, default=False, help="NorMuon row/column normalisation (default: %(default)s)")
+    a("--normuon", action=argparse.BooleanOptionalAction, default=False,
+      help="NorMuon row/column normalisation (default: %(default)s)")
     a("--normuon_beta2", type=bounded(float, 0, 1), default=0.95,
       help="NorMuon's second-moment decay (default: %(default)s)")
     a("--cautious_wd", action=argparse.BooleanOptionalAction, default=False,

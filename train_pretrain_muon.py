@@ -27,8 +27,8 @@ from model import GPT, ModelConfig, split_params, split_summary
 from muon import DistMuon, FSDPMuon, Muon, last_step_ms, step_optimizers
 
 STAGE = "pretrain"
-# 3.2M parameters on the embedded corpus: a CPU demo in minutes; the head untied, so that the embedding
-# trains at its own LR (a checkpoint missing one of these fields has ModelConfig's default)
+# 3.5M parameters on the embedded corpus: a CPU demo in minutes; the head untied, so that the embedding
+# trains at its own LR
 DEFAULT_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                      max_seq_len=256, norm_weights=True, tie_word_embeddings=False)
 # AdamW's peak LR by --optimizer: AdamW training every parameter wants a lower one than AdamW on the
@@ -131,10 +131,11 @@ def main():
     lock = lock_out_dir(args.out_dir, STAGE, rank)  # noqa: F841 (held until exit)
     # --init_from: continue pretraining from another run's weights, with fresh optimizers
     init = load_checkpoint(args.init_from) if args.init_from and ckpt is None else None
+    saved_shape = (ckpt or init)["model_config"] if (ckpt or init) else None
     for name, default in DEFAULT_SHAPE.items():  # flags given > the checkpoint's shape > defaults
-        if getattr(args, name) is None:
-            setattr(args, name, (ckpt or init)["model_config"].get(name, ModelConfig.__dataclass_fields__[name].default)
-                    if (ckpt or init) else default)
+        if getattr(args, name) is None:  # a checkpoint without the field predates it: ModelConfig's default
+            setattr(args, name, default if saved_shape is None
+                    else saved_shape.get(name, ModelConfig.__dataclass_fields__[name].default))
     if args.lr_embedding is None:  # a tied embedding is the head too: it trains as the head does
         args.lr_embedding = args.lr_adamw if args.tie_word_embeddings else LR_EMBEDDING_UNTIED
     if args.weight_decay_embedding is None:
