@@ -16,9 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # process (the intra-op threads change only the float summation order). SFT uses higher LRs
 # than its defaults: a model this small and this briefly pretrained needs them to learn the reply
 # format, and 400 steps, since most of its replies carry a hedge that takes part of the loss.
-# DPO runs at its defaults. Over 11 runs (training seeds 1-9 and 1337, two corpus seeds) SFT
-# raised answer accuracy by 11-24 points (by 4-12 in 200 steps), DPO raised held-out preference
-# accuracy by 72-96 points and changed answer accuracy by -1 to +1.
+# DPO runs at its defaults. With training seeds 1 and 2 SFT raised answer accuracy by 12 and 16
+# points, DPO raised held-out preference accuracy by 85 and 66 points and left answer accuracy as it was.
 PRETRAIN = ["--hidden_size", "128", "--num_hidden_layers", "2", "--num_attention_heads", "4",
             "--num_key_value_heads", "2", "--max_seq_len", "160", "--batch_size", "16", "--max_steps", "200",
             "--eval_interval", "200", "--lr_adamw", "3e-3", "--sample_prompt", ""]
