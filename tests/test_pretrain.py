@@ -73,15 +73,23 @@ def test_default_flags_run_end_to_end_and_write_checkpoint_and_metrics(data_dir,
 
 COMPILE_PROBE = """
 import functools, runpy, sys, torch
-symbolic = []  # per graph dynamo compiles: how many of its inputs are symbolic sizes
+sys.path.insert(0, ".")  # the project root, also when torchrun runs this as a file from elsewhere
+graphs = []  # per graph dynamo compiles: its node count and how many of its inputs are symbolic sizes
 def backend(gm, example_inputs):
-    symbolic.append(sum(not isinstance(i, torch.Tensor) for i in example_inputs))
+    graphs.append([len(gm.graph.nodes), sum(not isinstance(i, torch.Tensor) for i in example_inputs)])
     return gm.forward
 torch.compile = functools.partial(torch.compile, backend=backend)  # the script's own flags, a cheap backend
 sys.argv = ["train_pretrain_muon.py"] + sys.argv[1:]
-runpy.run_path("train_pretrain_muon.py", run_name="__main__")
-print("SYMBOLIC", symbolic)
+try:
+    runpy.run_path("train_pretrain_muon.py", run_name="__main__")
+finally:
+    print("GRAPHS", graphs, flush=True)
 """
+
+
+def compiled_graphs(stdout):
+    """Each process's [[nodes, symbolic inputs], ...] printed by COMPILE_PROBE."""
+    return [json.loads(line.split(maxsplit=1)[1]) for line in stdout.splitlines() if line.startswith("GRAPHS")]
 
 
 def test_val_rows_report_bits_per_byte_and_training_time_without_evaluations(data_dir, tmp_path):
@@ -114,7 +122,7 @@ def test_training_graph_keeps_static_shapes_after_an_eval_with_a_smaller_batch(d
            *TINY, "--max_steps", "2", "--eval_interval", "2", "--compile"]
     r = run_finished_script(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    symbolic = json.loads(r.stdout.split("SYMBOLIC")[-1].strip())
+    symbolic = [n for _, n in compiled_graphs(r.stdout)[0]]
     assert len(symbolic) >= 2 and not any(symbolic), symbolic  # eval graph, training graph: sizes fixed
 
 
@@ -220,27 +228,11 @@ def test_a_run_moves_between_fsdp_distmuon_and_one_process_on_resume(data_dir, t
     assert rows[16]["val_loss"] < rows[8]["val_loss"] < rows[0]["val_loss"]
 
 
-GRAPH_PROBE = """
-import functools, runpy, sys, torch
-sys.path.insert(0, ".")  # the project root: torchrun runs this file from elsewhere
-graphs = []  # one entry per graph dynamo compiles
-def backend(gm, example_inputs):
-    graphs.append(len(gm.graph.nodes))  # its size
-    return gm.forward
-torch.compile = functools.partial(torch.compile, backend=backend)  # the script's own flags, a cheap backend
-sys.argv = ["train_pretrain_muon.py"] + sys.argv[1:]
-try:
-    runpy.run_path("train_pretrain_muon.py", run_name="__main__")
-finally:
-    print("GRAPHS", graphs, flush=True)
-"""
-
-
 def test_fsdp_compiles_each_block_on_its_own_and_samples_eagerly(data_dir, tmp_path):
     # FSDP2 gathers each block's weights in hooks around it: compiled per block (and the output on its own),
     # the blocks share their graphs, the same for any depth, and sampling (a new shape every token) adds none
     probe = tmp_path / "probe.py"
-    probe.write_text(GRAPH_PROBE)
+    probe.write_text(COMPILE_PROBE)
     graphs = {}
     for layers in (2, 6):
         shape = [str(layers) if TINY[i - 1] == "--num_hidden_layers" else a for i, a in enumerate(TINY)]
@@ -251,8 +243,7 @@ def test_fsdp_compiles_each_block_on_its_own_and_samples_eagerly(data_dir, tmp_p
                                 cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "sample: " in r.stdout and "recompile_limit" not in r.stderr
-        graphs[layers] = [json.loads(line.split(maxsplit=1)[1]) for line in r.stdout.splitlines()
-                          if line.startswith("GRAPHS")]
+        graphs[layers] = [[nodes for nodes, _ in process] for process in compiled_graphs(r.stdout)]
     for nodes in (*graphs[2], *graphs[6]):  # each process: block and output, each with and without grad
         assert len(nodes) <= 4, graphs
     assert max(graphs[2][0]) == max(graphs[6][0]), graphs  # the largest graph is one block, at any depth
