@@ -108,20 +108,21 @@ def time_to(curve, target, key):
     return None
 
 
-def summarise(runs, target, bytes_per_token, parallel):
-    """One table row per run: final loss in nats and bits per byte, time and tokens to the target."""
-    base = runs.get("nanochat")
+def summarise(runs, first, bytes_per_token, parallel):
+    """One table row per run: final loss in nats and bits per byte, time and tokens to the target (the
+    first run's final loss), and both as ratios of the first run's whole run."""
+    base = runs[first]
+    target = base["curve"][-1]["val_loss"]
     rows = []
     for label, run in runs.items():
         final = run["curve"][-1]
         t, n = time_to(run["curve"], target, "train_s"), time_to(run["curve"], target, "tokens")
-        row = {"run": label, "tokens_M": round(final["tokens"] / 1e6, 1), "val_loss": final["val_loss"],
+        row = {"run": label, "tokens_M": round(final["tokens"] / 1e6, 1), "val_loss": round(final["val_loss"], 4),
                "val_bpb": round(final["val_loss"] / math.log(2) / bytes_per_token, 4),
                "train_s": round(final["train_s"], 1), "tok_per_s": run["tok_per_s"],
-               "tokens_to_target_M": n and round(n / 1e6, 1), "s_to_target": t and round(t, 1)}
-        if base is not None:
-            row["time_ratio"] = t and round(t / base["curve"][-1]["train_s"], 3)
-            row["token_ratio"] = n and round(n / base["curve"][-1]["tokens"], 3)
+               "tokens_to_target_M": n and round(n / 1e6, 1), "s_to_target": t and round(t, 1),
+               "time_ratio": t and round(t / base["curve"][-1]["train_s"], 3),
+               "token_ratio": n and round(n / base["curve"][-1]["tokens"], 3)}
         if parallel:
             row.update(train_s=None, tok_per_s=None, s_to_target=None, time_ratio=None)
         rows.append(row)
@@ -182,7 +183,9 @@ def main():
             runs.update(doc["runs"])
             metas.append(doc["meta"])
         meta = {**metas[0], "merged": ", ".join(f"{m['date']} {m['device']}" for m in metas),
-                "command": " ".join(["python"] + sys.argv), "parallel": any(m.get("parallel") for m in metas)}
+                "command": " ".join(["python"] + sys.argv), "runs_by": [m["command"] for m in metas],
+                "flags": {k: v for m in metas for k, v in m["flags"].items()},
+                "parallel": any(m.get("parallel") for m in metas)}
         report(args, meta, runs)
         return
     variants = {"ours": ""}
@@ -253,10 +256,10 @@ def report(args, meta, runs):
     target = runs[first]["curve"][-1]["val_loss"]
     meta = {**meta, "target": f"val loss {target} ({first}'s final)",
             "columns": "train_s: seconds inside training steps, torch.compile included, evaluations left out; "
-                       "time_ratio / token_ratio: a run's time / tokens to the target over nanochat's whole run"
+                       f"time_ratio / token_ratio: a run's time / tokens to the target over {first}'s whole run"
                        + ("; all runs at once on one GPU, so no time is comparable (left out)" if meta["parallel"]
                           else "")}
-    write_table(args.out_dir, args.name, meta, summarise(runs, target, meta["bytes_per_token"], meta["parallel"]))
+    write_table(args.out_dir, args.name, meta, summarise(runs, first, meta["bytes_per_token"], meta["parallel"]))
     with open(os.path.join(args.out_dir, args.name + ".json")) as f:
         doc = json.load(f)
     doc["runs"] = runs

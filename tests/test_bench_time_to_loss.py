@@ -1,5 +1,6 @@
 """Specification of bench/time_to_loss.py and bench/code_corpus.py: a run's time to a target loss is read off
-its val curve, ratios are taken against nanochat's whole run, and the code corpus holds each distinct source
+its val curve, ratios are taken against the first run's whole run (nanochat's, when it ran), runs of separate
+jobs merge into one table, and the code corpus holds each distinct source
 file once."""
 import json
 import os
@@ -29,15 +30,39 @@ def test_time_to_a_target_is_interpolated_between_evaluations_and_none_if_never_
     assert time_to(NANOCHAT, 3.0, "train_s") is None
 
 
-def test_ratios_are_against_nanochats_whole_run_and_bits_per_byte_follow_the_loss():
+def test_ratios_are_against_the_first_runs_whole_run_and_bits_per_byte_follow_the_loss():
     rows = {r["run"]: r for r in summarise({"nanochat": {"curve": NANOCHAT, "tok_per_s": 40},
-                                            "ours": {"curve": OURS, "tok_per_s": 60}}, 4.0, 3.0, parallel=False)}
+                                            "ours": {"curve": OURS, "tok_per_s": 60}}, "nanochat", 3.0, parallel=False)}
     assert rows["nanochat"]["time_ratio"] == 1.0 and rows["nanochat"]["token_ratio"] == 1.0
     assert rows["ours"]["time_ratio"] == pytest.approx(28.0 / 50.0, abs=1e-3)
     assert rows["ours"]["token_ratio"] == pytest.approx(1500 / 2000, abs=1e-3)
     assert rows["ours"]["val_bpb"] == pytest.approx(3.5 / 0.6931471805599453 / 3.0, abs=1e-4)
-    parallel = {r["run"]: r for r in summarise({"ours": {"curve": OURS, "tok_per_s": 60}}, 4.0, 3.0, parallel=True)}
-    assert parallel["ours"]["s_to_target"] is None and parallel["ours"]["tokens_to_target_M"] is not None
+    # a baseline other than nanochat (AdamW against Muon): the target is its final loss, reached by ours earlier
+    rows = {r["run"]: r for r in summarise({"adamw": {"curve": NANOCHAT, "tok_per_s": 40},
+                                            "ours": {"curve": OURS, "tok_per_s": 60}}, "adamw", 3.0, parallel=False)}
+    assert rows["ours"]["token_ratio"] == pytest.approx(1500 / 2000, abs=1e-3)
+    assert rows["adamw"]["val_loss"] == 4.0 and rows["ours"]["s_to_target"] == pytest.approx(28.0)
+    parallel = {r["run"]: r for r in summarise({"ours": {"curve": OURS, "tok_per_s": 60},
+                                                "slow": {"curve": NANOCHAT, "tok_per_s": 40}}, "ours", 3.0,
+                                               parallel=True)}
+    assert parallel["ours"]["s_to_target"] is None and parallel["ours"]["time_ratio"] is None
+    assert parallel["ours"]["token_ratio"] == 1.0 and parallel["slow"]["tokens_to_target_M"] is None
+
+
+def test_merge_puts_runs_of_separate_jobs_in_one_table_keeping_each_jobs_command(tmp_path):
+    meta = {"device": "GPU", "date": "2026-01-01", "parallel": False, "bytes_per_token": 3.0}
+    for name, label, curve in (("a", "nanochat", NANOCHAT), ("b", "ours", OURS)):
+        with open(tmp_path / f"{name}.json", "w") as f:
+            json.dump({"meta": {**meta, "command": f"python run {label}"},
+                       "runs": {label: {"curve": curve, "tok_per_s": 50, "flags": None}}}, f)
+    r = subprocess.run([sys.executable, "bench/time_to_loss.py", "--merge", str(tmp_path / "a.json"),
+                        str(tmp_path / "b.json"), "--out_dir", str(tmp_path), "--name", "both"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "both.json") as f:
+        doc = json.load(f)
+    assert doc["meta"]["runs_by"] == ["python run nanochat", "python run ours"]
+    assert {row["run"]: row["time_ratio"] for row in doc["rows"]} == {"nanochat": 1.0, "ours": 0.56}
 
 
 def test_a_cpu_run_of_ours_writes_the_table_with_curves(tmp_path):
