@@ -184,7 +184,7 @@ def main():
             metas.append(doc["meta"])
         meta = {**metas[0], "merged": ", ".join(f"{m['date']} {m['device']}" for m in metas),
                 "command": " ".join(["python"] + sys.argv), "runs_by": [m["command"] for m in metas],
-                "flags": {k: v for m in metas for k, v in m["flags"].items()},
+                "flags": {k: v for m in metas for k, v in m.get("flags", {}).items()},
                 "parallel": any(m.get("parallel") for m in metas)}
         report(args, meta, runs)
         return

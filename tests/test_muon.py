@@ -1,5 +1,6 @@
 """Specification of muon.py: Newton-Schulz, Muon against the math and torch.optim.Muon, DistMuon on gloo."""
 import math
+import multiprocessing
 import os
 
 import pytest
@@ -433,7 +434,7 @@ def _dist_worker(rank, world_size, tmp, init_file, plan, options):
     # Skip interpreter finalization: gloo's worker threads can still hold finished async work
     # (with tensors) then, and freeing it there aborts the process now and then
     # ("terminate called without an active exception"; pytorch/pytorch#179291). Reached only
-    # when the body succeeded; an exception above still reaches mp.spawn as a failure.
+    # when the body succeeded; an exception above still reaches mp.start_processes as a failure.
     os._exit(0)
 
 
@@ -500,12 +501,19 @@ def _dist_body(rank, world_size, tmp, plan, options=None):
                os.path.join(tmp, f"rank{rank}.pt"))
 
 
+# Ranks start from a fork server that has imported torch and this module once: a fresh interpreter per
+# rank would spend ~2 s of CPU importing them, most of a small run's time (the server itself is a clean
+# single-threaded process, so forking it is safe where forking pytest would not be).
+multiprocessing.set_forkserver_preload(["torch", "muon", __name__])
+
+
 def run_dist(world_size, tmp_path, plan, options=None):
     tmp = str(tmp_path / f"w{world_size}_{plan[0]}")
     os.makedirs(tmp)
     files = [os.path.join(tmp, f"rank{r}.pt") for r in range(world_size)]
     try:
-        mp.spawn(_dist_worker, args=(world_size, tmp, os.path.join(tmp, "init"), plan, options), nprocs=world_size)
+        mp.start_processes(_dist_worker, args=(world_size, tmp, os.path.join(tmp, "init"), plan, options),
+                           nprocs=world_size, start_method="forkserver")
     except mp.ProcessExitedException as e:
         # Every rank wrote its result, then one aborted tearing gloo down (see _dist_worker): the
         # work under test finished, and the assertions below check its results. Anything else fails.
