@@ -439,9 +439,21 @@ def _dist_worker(rank, world_size, tmp, init_file, plan, options):
 
 
 def _dist_body(rank, world_size, tmp, plan, options=None):
-    """plan: ("train", steps), ("fsdp", steps), ("memory",), ("clip",) or ("resume", steps_before, state_file,
-    steps_after); options: Muon's keyword options (OPTIONS)."""
+    """plan: ("train", steps), ("fsdp", steps), ("adamw", steps), ("memory",), ("clip",) or
+    ("resume", steps_before, state_file, steps_after); options: Muon's keyword options (OPTIONS)."""
     options = options or {}
+    if plan[0] == "adamw":  # the stage scripts' fused AdamW on FSDP2's row shards
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+        mesh = init_device_mesh("cpu", (world_size,))
+        params = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in make_params()]
+        opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, fused=True)
+        for step in range(plan[1]):
+            for p, g in zip(params, global_grads(step)):
+                p.grad = distribute_tensor(g, mesh, [Shard(0)])
+            opt.step()
+        torch.save({"params": [p.detach().full_tensor() for p in params]}, os.path.join(tmp, f"rank{rank}.pt"))
+        return
     if plan[0] == "fsdp":  # parameters and gradients sharded on dim 0 as FSDP2 holds them
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
@@ -571,6 +583,20 @@ def test_fsdp_muon_on_sharded_parameters_matches_muon(world_size, options, tmp_p
                 torch.testing.assert_close(r["opt"]["state"][k][name], ref_state[k][name], **TOL)
         torch.testing.assert_close(r["sq"], want_sq, rtol=1e-5, atol=0)
     assert sum(r["state_numel"] for r in results) == sum(math.prod(s) for s in SHAPES)
+
+
+def test_fused_adamw_on_row_shards_matches_adamw_on_whole_tensors(tmp_path):
+    """--fsdp keeps the stage scripts' fused AdamW: PyTorch's fused kernel steps DTensor shards as it steps
+    whole tensors (uneven dim-0 splits included)."""
+    params = make_params()
+    opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, foreach=False)
+    for step in range(STEPS):
+        for p, g in zip(params, global_grads(step)):
+            p.grad = g
+        opt.step()
+    for r in run_dist(3, tmp_path, ("adamw", STEPS)):
+        for got, want in zip(r["params"], params):
+            torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-5)
 
 
 def test_dist_muon_momentum_memory_per_rank_is_a_world_size_share(tmp_path):
