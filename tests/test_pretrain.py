@@ -72,7 +72,7 @@ def test_default_flags_run_end_to_end_and_write_checkpoint_and_metrics(data_dir,
 
 
 COMPILE_PROBE = """
-import functools, runpy, sys, torch
+import functools, json, os, runpy, sys, torch
 sys.path.insert(0, ".")  # the project root, also when torchrun runs this as a file from elsewhere
 graphs = []  # per graph dynamo compiles: its node count and how many of its inputs are symbolic sizes
 def backend(gm, example_inputs):
@@ -82,8 +82,9 @@ torch.compile = functools.partial(torch.compile, backend=backend)  # the script'
 sys.argv = ["train_pretrain_muon.py"] + sys.argv[1:]
 try:
     runpy.run_path("train_pretrain_muon.py", run_name="__main__")
-finally:
-    print("GRAPHS", graphs, flush=True)
+finally:  # one write per process: under torchrun both ranks share the pipe, and print() may write in pieces
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), ("\\nGRAPHS " + json.dumps(graphs) + "\\n").encode())
 """
 
 
