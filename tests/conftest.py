@@ -8,7 +8,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+import multiprocessing  # noqa: E402
 import subprocess  # noqa: E402
+
+# Processes the tests start as ranks fork from one server that imported these once: a fresh interpreter
+# spends ~2 s of CPU importing torch, most of a tiny run's time. The server itself is a clean single-threaded
+# process, so forking it is safe where forking pytest would not be. A test module adds its own name.
+FORKSERVER_PRELOAD = ["torch", "torch._dynamo", "common", "model", "muon", "train_pretrain_muon",
+                      "train_full_sft_muon", "train_dpo_muon", "conftest"]
+multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
 
 GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
@@ -95,6 +103,71 @@ def run_main(script, *args, stdin=""):
             signal.signal(s, handler)
         gc.collect()  # the run's open files (its out_dir lock) close now, not at some later collection
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def run_ranks(nproc, script, *args, timeout=300):
+    """`torchrun --nproc_per_node NPROC SCRIPT ARGS...` from the repo root without torchrun's ~5 s of
+    interpreters: NPROC processes forked from the preloaded server, each given the environment torchrun
+    gives a rank (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT) and running the script's main(). Returns
+    a subprocess.CompletedProcess: every rank's stdout and stderr in rank order, and the first non-zero
+    exit status (a signal as its negative number). A rank that finished its work ("done:") and then died
+    in gloo's teardown is run again, as run_finished_script does. The launcher itself stays tested with
+    torchrun in tests/test_pretrain.py."""
+    import socket
+    import tempfile
+
+    def launch():
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            ctx = multiprocessing.get_context("forkserver")
+            procs = [ctx.Process(target=_rank_main, args=(rank, nproc, port, tmp, script, args)) for rank in range(nproc)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join(timeout)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+            read = lambda rank, stream: open(os.path.join(tmp, f"{rank}.{stream}")).read()  # noqa: E731
+            out = "".join(read(rank, "out") for rank in range(nproc))
+            err = "".join(read(rank, "err") for rank in range(nproc))
+        code = next((p.exitcode for p in procs if p.exitcode), 0)
+        return subprocess.CompletedProcess(["torchrun", "--nproc_per_node", str(nproc), script, *args], code, out, err)
+
+    r = launch()
+    if r.returncode != 0 and GLOO_TEARDOWN_ABORT in r.stderr + r.stdout and "done:" in r.stdout:
+        r = launch()
+    return r
+
+
+def _rank_main(rank, nproc, port, tmp, script, args):
+    """One rank of run_ranks, in a forked process: its output to files, its status as the exit code."""
+    import importlib
+    import traceback
+
+    for fd, stream in ((1, "out"), (2, "err")):
+        os.dup2(os.open(os.path.join(tmp, f"{rank}.{stream}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                      GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.chdir(ROOT)
+    torch.set_num_threads(1)
+    sys.argv = [script, *args]
+    try:
+        importlib.import_module(script[:-len(".py")].replace("/", ".")).main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no interpreter teardown: the process group was destroyed by the script
 
 
 def one_error(r) -> str:

@@ -8,9 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import FORKSERVER_PRELOAD
 import muon
 import muon_fast
-from muon import POLAR_EXPRESS, QUINTIC, DistMuon, FSDPMuon, Muon, zeropower_via_newtonschulz5
+from muon import POLAR_EXPRESS, DistMuon, FSDPMuon, Muon, zeropower_via_newtonschulz5
 
 # A mixed set whose same-shape groups (5, 3, 1, 2, 1) do not divide world sizes 2, 3 or 4:
 # wide and tall matrices, a square one, a 3-D stack of matrices and a 4-D conv-like weight.
@@ -513,10 +514,8 @@ def _dist_body(rank, world_size, tmp, plan, options=None):
                os.path.join(tmp, f"rank{rank}.pt"))
 
 
-# Ranks start from a fork server that has imported torch and this module once: a fresh interpreter per
-# rank would spend ~2 s of CPU importing them, most of a small run's time (the server itself is a clean
-# single-threaded process, so forking it is safe where forking pytest would not be).
-multiprocessing.set_forkserver_preload(["torch", "muon", __name__])
+# Ranks start from conftest's preloaded fork server, which imports this module too
+multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD + [__name__])
 
 
 def run_dist(world_size, tmp_path, plan, options=None):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common import EXIT_INTERRUPTED, save_checkpoint
-from conftest import run_finished_script, run_main, script_env
+from conftest import run_finished_script, run_main, run_ranks, script_env
 from data.prepare import prepare_default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,13 +34,13 @@ def data_dir(tmp_path_factory):
 
 
 def pretrain(data_dir, out_dir, *flags, nproc=1, check=True):
-    """One process: the script's main() in this process (conftest.run_main); more: under torchrun."""
+    """One process: the script's main() in this process (conftest.run_main); more: as torchrun's ranks
+    (conftest.run_ranks)."""
     args = ["train_pretrain_muon.py", "--data_path", data_dir, "--out_dir", str(out_dir), *TINY, *flags]
     if nproc == 1:
         r = run_main(*args)
     else:
-        r = run_finished_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *args],
-                                cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+        r = run_ranks(nproc, *args)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -293,6 +293,13 @@ def test_activation_checkpointing_computes_the_same_run(data_dir, tmp_path):
 def test_fsdp_without_torchrun_says_how_to_run_it(data_dir, tmp_path):
     r = pretrain(data_dir, tmp_path, "--max_steps", "2", "--fsdp", check=False)
     assert r.returncode != 0 and "torchrun --nproc_per_node" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fsdp_with_fp16_stops_each_rank_naming_the_dtype_to_use(data_dir, tmp_path):
+    r = pretrain(data_dir, tmp_path, "--max_steps", "2", "--fsdp", "--dtype", "float16", nproc=2, check=False)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert all("--dtype bfloat16" in e for e in errors) and not os.path.exists(tmp_path / "pretrain.pt")
 
 
 def test_resume_on_a_different_number_of_processes_continues_training(data_dir, tmp_path):

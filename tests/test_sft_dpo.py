@@ -3,7 +3,6 @@ the SFT loss mask, clear failure on a mismatched --init_from, exact resume, and 
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from data.readers import DataError, read_dpo_jsonl
 from model import GPT, ModelConfig, split_params
 from muon import Muon
 from train_dpo_muon import dpo_loss, pair_logps, sequence_logps
-from conftest import run_finished_script, run_main, script_env
+from conftest import run_main, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"sft": "train_full_sft_muon.py", "dpo": "train_dpo_muon.py"}
@@ -159,14 +158,13 @@ def init_ckpts(data_dir, tmp_path_factory):
 
 
 def run(stage, data_dir, out_dir, init_from, *flags, nproc=1, check=True):
-    """One process: the script's main() in this process (conftest.run_main); more: under torchrun."""
+    """One process: the script's main() in this process (conftest.run_main); more: as torchrun's ranks
+    (conftest.run_ranks)."""
     args = [SCRIPTS[stage], "--data_path", data_dir, "--out_dir", str(out_dir), "--init_from", init_from, *TINY, *flags]
     if nproc == 1:
         r = run_main(*args)
     else:
-        r = run_finished_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *args],
-                                cwd=ROOT, env=script_env(),
-                                capture_output=True, text=True, timeout=300)
+        r = run_ranks(nproc, *args)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
