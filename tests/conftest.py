@@ -59,13 +59,12 @@ def run_main(script, *args, stdin=""):
 
     It saves the 1.5-3.5 s that a fresh interpreter spends importing torch (and torch._dynamo, which
     torch.optim imports at the first optimizer). Only for one-process runs that need nothing of a
-    process of their own: signals, torchrun, --compile and a killed process stay subprocesses."""
+    process of their own: signals, --compile and a killed process stay subprocesses; ranks: run_ranks."""
     import contextlib
     import gc
     import importlib
     import io
     import signal
-    import traceback
     import warnings
 
     module = importlib.import_module(script[:-len(".py")].replace("/", "."))
@@ -84,16 +83,7 @@ def run_main(script, *args, stdin=""):
                 warnings.filterwarnings("ignore", category=category)
             warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
                 sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
-            try:
-                module.main()
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-                if not isinstance(e.code, (int, type(None))):
-                    print(e.code, file=sys.stderr)
-            except Exception:
-                traceback.print_exc()
-                code = 1
+            code = exit_status(module.main)
     finally:
         sys.argv, sys.stdin = saved[0], saved[1]
         os.chdir(saved[2])
@@ -103,6 +93,23 @@ def run_main(script, *args, stdin=""):
             signal.signal(s, handler)
         gc.collect()  # the run's open files (its out_dir lock) close now, not at some later collection
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def exit_status(main) -> int:
+    """Calls main() and returns the status `python SCRIPT` would exit with: sys.exit's, 0 on return, 1 after
+    printing an uncaught exception as Python prints it (a Traceback)."""
+    import traceback
+    try:
+        main()
+        return 0
+    except SystemExit as e:
+        if isinstance(e.code, (int, type(None))):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 1
 
 
 def run_ranks(nproc, script, *args, timeout=300):
@@ -146,7 +153,6 @@ def run_ranks(nproc, script, *args, timeout=300):
 def _rank_main(rank, nproc, port, tmp, script, args):
     """One rank of run_ranks, in a forked process: its output to files, its status as the exit code."""
     import importlib
-    import traceback
 
     for fd, stream in ((1, "out"), (2, "err")):
         os.dup2(os.open(os.path.join(tmp, f"{rank}.{stream}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
@@ -155,16 +161,7 @@ def _rank_main(rank, nproc, port, tmp, script, args):
     os.chdir(ROOT)
     torch.set_num_threads(1)
     sys.argv = [script, *args]
-    try:
-        importlib.import_module(script[:-len(".py")].replace("/", ".")).main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
+    code = exit_status(importlib.import_module(script[:-len(".py")].replace("/", ".")).main)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # no interpreter teardown: the process group was destroyed by the script
