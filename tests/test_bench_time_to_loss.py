@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bench.code_corpus import python_sources
+from bench.code_corpus import code_sources
 from bench.time_to_loss import summarise, time_to
 from data.prepare import prepare_default
 
@@ -92,5 +92,9 @@ def test_code_corpus_keeps_each_distinct_utf8_source_once_in_path_order(tmp_path
     (tmp_path / "b" / "latin.py").write_bytes(b"s = '\xe9'\n")  # not UTF-8
     (tmp_path / "b" / "big.py").write_text("#" * 100)
     (tmp_path / "b" / "notes.txt").write_text("not python")
-    got = list(python_sources([str(tmp_path / "b"), str(tmp_path / "a")], max_bytes=50))
+    got = list(code_sources([str(tmp_path / "b"), str(tmp_path / "a")], max_bytes=50))
     assert [os.path.relpath(p, tmp_path) for p, _ in got] == ["a/x.py", "b/y.py"]
+    (tmp_path / "b" / "z.h").write_text("int z(void);\n")
+    got = code_sources([str(tmp_path / "b")], max_bytes=50, extensions=[".h", ".txt"])
+    assert [(os.path.relpath(p, tmp_path), text) for p, text in got] == [("b/notes.txt", "not python"),
+                                                                           ("b/z.h", "int z(void);\n")]
