@@ -62,12 +62,11 @@ def run_main(script, *args, stdin=""):
     process of their own: signals, --compile and a killed process stay subprocesses; ranks: run_ranks."""
     import contextlib
     import gc
-    import importlib
     import io
     import signal
     import warnings
 
-    module = importlib.import_module(script[:-len(".py")].replace("/", "."))
+    module = script_module(script)
     out, err = io.StringIO(), io.StringIO()
     saved = (list(sys.argv), sys.stdin, os.getcwd(), torch.get_num_threads(), torch.get_rng_state(),
              {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
@@ -93,6 +92,12 @@ def run_main(script, *args, stdin=""):
             signal.signal(s, handler)
         gc.collect()  # the run's open files (its out_dir lock) close now, not at some later collection
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def script_module(script):
+    """The module of a script path relative to the repo root: "bench/x.py" -> bench.x."""
+    import importlib
+    return importlib.import_module(script[:-len(".py")].replace("/", "."))
 
 
 def exit_status(main) -> int:
@@ -152,8 +157,6 @@ def run_ranks(nproc, script, *args, timeout=300):
 
 def _rank_main(rank, nproc, port, tmp, script, args):
     """One rank of run_ranks, in a forked process: its output to files, its status as the exit code."""
-    import importlib
-
     for fd, stream in ((1, "out"), (2, "err")):
         os.dup2(os.open(os.path.join(tmp, f"{rank}.{stream}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
@@ -161,7 +164,7 @@ def _rank_main(rank, nproc, port, tmp, script, args):
     os.chdir(ROOT)
     torch.set_num_threads(1)
     sys.argv = [script, *args]
-    code = exit_status(importlib.import_module(script[:-len(".py")].replace("/", ".")).main)
+    code = exit_status(script_module(script).main)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # no interpreter teardown: the process group was destroyed by the script

@@ -443,32 +443,22 @@ def _dist_body(rank, world_size, tmp, plan, options=None):
     """plan: ("train", steps), ("fsdp", steps), ("adamw", steps), ("memory",), ("clip",) or
     ("resume", steps_before, state_file, steps_after); options: Muon's keyword options (OPTIONS)."""
     options = options or {}
-    if plan[0] == "adamw":  # the stage scripts' fused AdamW on FSDP2's row shards
+    if plan[0] in ("fsdp", "adamw"):  # parameters and gradients sharded on dim 0 as FSDP2 holds them
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
         mesh = init_device_mesh("cpu", (world_size,))
         params = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in make_params()]
-        opt = torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, fused=True)
+        opt = (FSDPMuon(param_groups(params), **options) if plan[0] == "fsdp"  # else the scripts' AdamW under --fsdp
+               else torch.optim.AdamW(params, lr=0.01, weight_decay=0.1, fused=True))
         for step in range(plan[1]):
             for p, g in zip(params, global_grads(step)):
                 p.grad = distribute_tensor(g, mesh, [Shard(0)])
             opt.step()
-        torch.save({"params": [p.detach().full_tensor() for p in params]}, os.path.join(tmp, f"rank{rank}.pt"))
-        return
-    if plan[0] == "fsdp":  # parameters and gradients sharded on dim 0 as FSDP2 holds them
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import Shard, distribute_tensor
-        mesh = init_device_mesh("cpu", (world_size,))
-        params = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in make_params()]
-        opt = FSDPMuon(param_groups(params), **options)
-        for step in range(plan[1]):
-            for p, g in zip(params, global_grads(step)):
-                p.grad = distribute_tensor(g, mesh, [Shard(0)])
-            opt.step()
-        state_numel = sum(s["momentum_buffer"].numel() for s in opt.state.values())
-        sd = opt.state_dict()
-        torch.save({"params": [p.detach().full_tensor() for p in params], "opt": sd, "state_numel": state_numel,
-                    "sq": opt.grad_sq_sum()}, os.path.join(tmp, f"rank{rank}.pt"))
+        result = {"params": [p.detach().full_tensor() for p in params]}
+        if plan[0] == "fsdp":
+            result["state_numel"] = sum(s["momentum_buffer"].numel() for s in opt.state.values())
+            result.update(opt=opt.state_dict(), sq=opt.grad_sq_sum())
+        torch.save(result, os.path.join(tmp, f"rank{rank}.pt"))
         return
     if plan[0] == "memory":
         params = make_params(shapes=GPT_SHAPES)
