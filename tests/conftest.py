@@ -45,9 +45,13 @@ def run_finished_script(cmd, **kwargs):
     backend at process exit (pytorch/pytorch#190489 and #179291), not in our code. Any other
     failure, or the same abort before the run finished, is returned as it is."""
     r = subprocess.run(cmd, **kwargs)
-    if r.returncode != 0 and GLOO_TEARDOWN_ABORT in (r.stderr or "") + (r.stdout or "") and "done:" in (r.stdout or ""):
-        r = subprocess.run(cmd, **kwargs)
-    return r
+    return subprocess.run(cmd, **kwargs) if died_in_teardown(r) else r
+
+
+def died_in_teardown(r) -> bool:
+    """A run that finished its work ("done:" printed) and then failed with gloo's teardown abort."""
+    out = (r.stdout or "") + (r.stderr or "")
+    return r.returncode != 0 and GLOO_TEARDOWN_ABORT in out and "done:" in (r.stdout or "")
 
 
 def run_main(script, *args, stdin=""):
@@ -150,9 +154,7 @@ def run_ranks(nproc, script, *args, timeout=300):
         return subprocess.CompletedProcess(["torchrun", "--nproc_per_node", str(nproc), script, *args], code, out, err)
 
     r = launch()
-    if r.returncode != 0 and GLOO_TEARDOWN_ABORT in r.stderr + r.stdout and "done:" in r.stdout:
-        r = launch()
-    return r
+    return launch() if died_in_teardown(r) else r
 
 
 def _rank_main(rank, nproc, port, tmp, script, args):
