@@ -95,6 +95,7 @@ def main():
     meta = {"device": f"{visible} x {get_device_name(torch.device('cuda'))}" if visible else "cpu",
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python"] + sys.argv),
             "batch": f"{args.batch_size} x {args.max_seq_len} tokens per micro-step per GPU, {args.steps} steps",
+            "step_ms": "median wall time of a step; muon_ms: of its Muon step alone (CUDA events)",
             "peak_mem_GB": "torch.cuda.max_memory_allocated of rank 0, GiB; bytes_per_param = that / parameters"}
     rows = []
     for spec in args.sets.split(","):
@@ -109,7 +110,7 @@ def main():
                 if status == "ok":
                     s = steady_state(logged, 1)
                     row.update(tok_per_s=s["tok_per_s"], tok_per_s_per_gpu=round(s["tok_per_s"] / gpus),
-                               peak_mem_GB=s["peak_mem_GB"], bytes_per_param=round(s["peak_mem_GB"] * 2**30 / n, 1))
+                               step_ms=s["step_ms"], muon_ms=s["muon_ms"], peak_mem_GB=s["peak_mem_GB"], bytes_per_param=round(s["peak_mem_GB"] * 2**30 / n, 1))
                 print(f"{spec} x{gpus} {path}: {time.time() - t0:.0f}s {row}", flush=True)
                 rows.append(row)
                 write_table(args.out_dir, args.name, meta, rows)  # the table so far after each run
