@@ -158,8 +158,11 @@ def orthogonalised_update(G: Tensor, M: Tensor, V: Tensor | None, hp: dict, grou
     return normuon(O, V, hp["beta2"]) if V is not None else O
 
 
-def apply_update(W: Tensor, O: Tensor, hp: dict, group: dict) -> None:
-    weight_update(W, O, hp["lr"], hp["weight_decay"], update_scale(W.shape, group["adjust_lr"]), group["cautious_wd"])
+def apply_update(W: Tensor, O: Tensor, hp: dict, group: dict, shape=None) -> None:
+    """weight_update at the LR scale of matrices of this shape (default: W's; FSDP's row shards pass the whole
+    matrix's)."""
+    weight_update(W, O, hp["lr"], hp["weight_decay"], update_scale(shape or W.shape, group["adjust_lr"]),
+                  group["cautious_wd"])
 
 
 def muon_step(W: Tensor, G: Tensor, M: Tensor, V: Tensor | None, hp: dict, group: dict) -> None:
@@ -490,8 +493,8 @@ class FSDPMuon(DistMuon):
             # back[o * per_rank + j] is the chunk of owner o's j-th matrix, i.e. of matrix o * per_rank + j
             updates = back.view(-1, *back.shape[2:])[:len(params), :shards[0].size(0)]
             W_local = torch.stack(shards)
-            weight_update(W_local, updates, hp["lr"], hp["weight_decay"],
-                          update_scale(matrix_shape(params[0].shape), group["adjust_lr"]), group["cautious_wd"])
+            run = compiled(apply_update, self.compile, W_local.is_cuda)
+            run(W_local, updates, hp, group, matrix_shape(params[0].shape))
             torch._foreach_copy_(shards, list(W_local.unbind(0)))
         return loss
 

@@ -51,6 +51,7 @@ def param_groups(params):
 OPTIONS = {"plain": {}, "polar_express": dict(ns_coefficients="polar_express"), "normuon": dict(normuon=True),
            "cautious_wd": dict(cautious_wd=True)}
 OPTIONS["all"] = dict(ns_coefficients="polar_express", normuon=True, cautious_wd=True)
+OPTIONS["compiled"] = dict(OPTIONS["all"], compile="aot_eager")  # the graphs Muon compiles on CUDA, traced on CPU
 
 
 def run_muon(steps, start=0, params=None, state=None, options=None):
@@ -554,7 +555,7 @@ def test_dist_muon_matches_muon_at_every_world_size(world_size, options, tmp_pat
     assert max(r["state_numel"] for r in results) <= bound
 
 
-@pytest.mark.parametrize("world_size,options", [(2, "plain"), (3, "all"), (4, "all")])
+@pytest.mark.parametrize("world_size,options", [(2, "plain"), (3, "all"), (4, "all"), (2, "compiled")])
 def test_fsdp_muon_on_sharded_parameters_matches_muon(world_size, options, tmp_path):
     """Row-sharded (DTensor) parameters and gradients, as FSDP2 leaves them: whole matrices meet on their
     owners and the updates go back as shards, so the weights and the gathered state are Muon's; uneven
