@@ -110,7 +110,8 @@ def main():
                 if status == "ok":
                     s = steady_state(logged, 1)
                     row.update(tok_per_s=s["tok_per_s"], tok_per_s_per_gpu=round(s["tok_per_s"] / gpus),
-                               step_ms=s["step_ms"], muon_ms=s["muon_ms"], peak_mem_GB=s["peak_mem_GB"], bytes_per_param=round(s["peak_mem_GB"] * 2**30 / n, 1))
+                               step_ms=s["step_ms"], muon_ms=s["muon_ms"], peak_mem_GB=s["peak_mem_GB"],
+                               bytes_per_param=round(s["peak_mem_GB"] * 2**30 / n, 1))
                 print(f"{spec} x{gpus} {path}: {time.time() - t0:.0f}s {row}", flush=True)
                 rows.append(row)
                 write_table(args.out_dir, args.name, meta, rows)  # the table so far after each run
