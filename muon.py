@@ -464,10 +464,9 @@ class FSDPMuon(DistMuon):
         for group, params, per_rank, owned in self._groups():  # 1. chunks to their owners
             rows = params[0].shape[0]
             chunk = math.ceil(rows / W)
-            send = params[0].grad.to_local().new_zeros((W * per_rank, chunk, *params[0].shape[1:]))
-            for i, p in enumerate(params):
-                g = local(p.grad)
-                send[i, :g.size(0)] = g
+            grads = [local(p.grad) for p in params]  # this rank's rows: as many for each matrix of the group
+            send = grads[0].new_zeros((W * per_rank, chunk, *params[0].shape[1:]))
+            torch._foreach_copy_(list(send[:len(params), :grads[0].size(0)].unbind(0)), grads)
             recv = torch.empty_like(send)
             gathers.append((dist.all_to_all_single(recv, send, async_op=True), recv, group, params, per_rank, owned))
         scatters = []
@@ -489,7 +488,7 @@ class FSDPMuon(DistMuon):
             scatters.append((dist.all_to_all_single(back, send, async_op=True), back, hp, group, params))
         for work, back, hp, group, params in scatters:  # 3. every rank updates its shards
             work.wait()
-            shards = [local(p.data) for p in params]
+            shards = [local(p) for p in params]  # (p.data would cost a DTensor dispatch per matrix)
             # back[o * per_rank + j] is the chunk of owner o's j-th matrix, i.e. of matrix o * per_rank + j
             updates = back.view(-1, *back.shape[2:])[:len(params), :shards[0].size(0)]
             W_local = torch.stack(shards)
