@@ -80,6 +80,8 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
     a("--num_attention_heads", type=pos, default=None, help=f"query heads {shape}")
     a("--num_key_value_heads", type=pos, default=None, help=f"key/value heads, dividing the query heads {shape}")
     a("--max_seq_len", type=bounded(int, 2), default=None, help=f"the model's context in tokens {shape}")
+    a("--rope_theta", type=pos_f, default=None,
+      help=f"RoPE's base: a larger one turns the slowest dimensions less over the context {shape}")
     a("--norm_weights", action=argparse.BooleanOptionalAction, default=None,
       help=f"RMSNorms with a learned gain (Qwen3's); --no-norm_weights: without, a faster backward {shape}")
     a("--tie_word_embeddings", action=argparse.BooleanOptionalAction, default=None,
@@ -461,7 +463,7 @@ def check_model_matches(ckpt: dict, args, tokenizer_fingerprint: str | None, pat
     """A checkpoint from another model shape or tokenizer stops with a clear message."""
     cfg = ckpt["model_config"]
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_seq_len",
-                 "norm_weights", "tie_word_embeddings"):
+                 "rope_theta", "norm_weights", "tie_word_embeddings"):
         want, have = getattr(args, name, None), cfg.get(name, True)  # checkpoints from before norm_weights had them
         if want is not None and want != have:
             die(f"{path} has {name}={have} but --{name} {want} was given; drop the flag or use a "

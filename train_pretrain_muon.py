@@ -30,7 +30,7 @@ STAGE = "pretrain"
 # 3.5M parameters on the embedded corpus: a CPU demo in minutes; the head untied, so that the embedding
 # trains at its own LR
 DEFAULT_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                     max_seq_len=256, norm_weights=True, tie_word_embeddings=False)
+                     max_seq_len=256, rope_theta=10000.0, norm_weights=True, tie_word_embeddings=False)
 # AdamW's peak LR by --optimizer: AdamW training every parameter wants a lower one than AdamW on the
 # embedding, head and norms beside Muon
 LR_ADAMW = {"muon": 8e-3, "adamw": 2e-3}
@@ -173,7 +173,7 @@ def main():
         config = ModelConfig(**(ckpt or init)["model_config"]) if (ckpt or init) else ModelConfig(
             vocab_size=tok.vocab_size, hidden_size=args.hidden_size,
             num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
-            num_key_value_heads=args.num_key_value_heads, max_seq_len=args.max_seq_len,
+            num_key_value_heads=args.num_key_value_heads, max_seq_len=args.max_seq_len, rope_theta=args.rope_theta,
             norm_weights=args.norm_weights, tie_word_embeddings=args.tie_word_embeddings)
     except ValueError as e:
         die(str(e))

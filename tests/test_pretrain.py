@@ -402,6 +402,21 @@ def test_no_norm_weights_is_saved_with_the_model_and_kept_by_a_continued_run(dat
     assert bad.returncode != 0 and "norm_weights=False" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_rope_theta_is_saved_with_the_model_and_kept_by_a_continued_run(data_dir, tmp_path):
+    base, wide, second = tmp_path / "base", tmp_path / "wide", tmp_path / "second"
+    pretrain(data_dir, base, "--max_steps", "2", "--eval_interval", "2")
+    pretrain(data_dir, wide, "--max_steps", "2", "--eval_interval", "2", "--rope_theta", "100000")
+    assert torch.load(base / "pretrain.pt", weights_only=False)["model_config"]["rope_theta"] == 10000.0
+    assert torch.load(wide / "pretrain.pt", weights_only=False)["model_config"]["rope_theta"] == 100000.0
+    assert metrics(wide)[2]["val_loss"] != metrics(base)[2]["val_loss"]  # the model turns its positions by it
+    # without the flag, a run from that checkpoint takes its base; with another value it stops
+    pretrain(data_dir, second, "--init_from", str(wide / "pretrain.pt"), "--max_steps", "2", "--eval_interval", "2")
+    assert torch.load(second / "pretrain.pt", weights_only=False)["model_config"]["rope_theta"] == 100000.0
+    bad = pretrain(data_dir, tmp_path / "third", "--init_from", str(wide / "pretrain.pt"), "--rope_theta", "10000",
+                   "--max_steps", "2", check=False)
+    assert bad.returncode != 0 and "rope_theta=100000.0" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_a_checkpoint_from_before_norm_weights_counts_as_having_them(capsys):
     from argparse import Namespace
     from common import check_model_matches
