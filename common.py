@@ -112,6 +112,10 @@ def train_arg_parser(description: str) -> argparse.ArgumentParser:
       help="NorMuon's second-moment decay (default: %(default)s)")
     a("--cautious_wd", action=argparse.BooleanOptionalAction, default=False,
       help="Muon decays a weight only where its update has the same sign (default: %(default)s)")
+    a("--adamw_beta1", type=bounded(float, 0, 1, below=True), default=0.9,
+      help="AdamW's first-moment decay, every AdamW group (default: %(default)s)")
+    a("--adamw_beta2", type=bounded(float, 0, 1, below=True), default=0.95,
+      help="AdamW's second-moment decay, every AdamW group (default: %(default)s)")
     a("--weight_decay", type=nonneg_f, default=None,
       help="decoupled weight decay of both optimizers' matrices (default: %(default)s)")
     a("--warmup_steps", type=nonneg, default=None, help="linear LR warmup steps (default: %(default)s)")
@@ -391,7 +395,7 @@ def check_resume(ckpt: dict, path: str, args, total_steps: int, world_size: int)
     midway must be as saved, and the step budget must not be spent already.
 
     Fixed: the optimizer; the settings kept in the optimizers' state (load_state_dict puts the saved
-    values back over the flags: weight decay and Muon's variant); the seed (the data order and the
+    values back over the flags: weight decay, AdamW's betas and Muon's variant); the seed (the data order and the
     SFT/DPO validation split follow it); and the global batch (the step, the schedules, the data
     position and the logged token count are counted in steps of it). The learning rates, their
     schedules and the momentum are set every step from the flags, so a resume may change them."""
@@ -402,7 +406,7 @@ def check_resume(ckpt: dict, path: str, args, total_steps: int, world_size: int)
     saved = ckpt["args"]
     if saved["optimizer"] != args.optimizer:
         die(f"{path} was trained with --optimizer {saved['optimizer']}; resume with the same")
-    fixed = ["seed", "weight_decay", "weight_decay_embedding"]
+    fixed = ["seed", "weight_decay", "weight_decay_embedding", "adamw_beta1", "adamw_beta2"]
     if args.optimizer == "muon":
         fixed += ["ns_coefficients", "normuon", "cautious_wd"] + (["normuon_beta2"] if args.normuon else [])
     for name in fixed:

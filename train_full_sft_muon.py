@@ -166,7 +166,8 @@ def main():
         cautious_wd=args.cautious_wd) if muon_params else None
     adamw_opt = torch.optim.AdamW([dict(params=[p for p in adamw_params if p.ndim >= 2], weight_decay=args.weight_decay),
                                    dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
-                                  lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+                                  lr=args.lr_adamw, betas=(args.adamw_beta1, args.adamw_beta2), eps=1e-8,
+                                  fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")  # fp16 only: else a no-op
     step, skipped = 0, 0
     if args.resume:

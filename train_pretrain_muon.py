@@ -204,7 +204,8 @@ def main():
                                    dict(params=[p for p in adamw_params if p.ndim >= 2 and p is not embedding],
                                         weight_decay=args.weight_decay),
                                    dict(params=[p for p in adamw_params if p.ndim < 2], weight_decay=0.0)],
-                                  lr=args.lr_adamw, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+                                  lr=args.lr_adamw, betas=(args.adamw_beta1, args.adamw_beta2), eps=1e-8,
+                                  fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "float16")  # fp16 only: else a no-op
     step, skipped, val_loss, val_step = 0, 0, None, None
     if ckpt is not None:

@@ -476,18 +476,19 @@ def _threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def bounded(kind, lo, hi=None, above: bool = False):
-    """An argparse type: a finite `kind` (int or float) >= lo (> lo if above) and <= hi, refused
-    at parse time with the allowed range (argparse puts the flag's name in front)."""
+def bounded(kind, lo, hi=None, above: bool = False, below: bool = False):
+    """An argparse type: a finite `kind` (int or float) >= lo (> lo if above) and <= hi (< hi if below),
+    refused at parse time with the allowed range (argparse puts the flag's name in front)."""
     rule = f"{'an integer' if kind is int else 'a number'} {'>' if above else '>='} {lo}"
-    rule += f" and <= {hi}" if hi is not None else ""
+    rule += f" and {'<' if below else '<='} {hi}" if hi is not None else ""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = math.nan
-        if not (math.isfinite(value) and (value > lo if above else value >= lo) and (hi is None or value <= hi)):
+        in_range = (value > lo if above else value >= lo) and (hi is None or (value < hi if below else value <= hi))
+        if not (math.isfinite(value) and in_range):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
         return value
 

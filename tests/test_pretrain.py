@@ -281,6 +281,19 @@ def test_the_embedding_takes_its_own_lr_and_weight_decay(data_dir, tmp_path):
     assert r.returncode != 0 and "--weight_decay_embedding 0" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_adamw_betas_reach_every_adamw_group_and_a_resume_keeps_them(data_dir, tmp_path):
+    flags = ["--max_steps", "2", "--eval_interval", "2", "--adamw_beta1", "0.8", "--adamw_beta2", "0.99"]
+    pretrain(data_dir, tmp_path, *flags)
+    groups = torch.load(tmp_path / "pretrain.pt", weights_only=True)["adamw_opt"]["param_groups"]
+    assert [tuple(g["betas"]) for g in groups] == [(0.8, 0.99)] * 3
+    # kept in the optimizer's state, so a resume must not change them
+    r = pretrain(data_dir, tmp_path, *flags[:4], "--adamw_beta2", "0.99", "--max_steps", "4", "--resume", check=False)
+    assert r.returncode != 0 and "--adamw_beta1 0.8" in r.stderr and "Traceback" not in r.stderr
+    # a beta of 1 would never forget: refused before anything runs
+    r = pretrain(data_dir, tmp_path / "one", "--adamw_beta1", "1", check=False)
+    assert r.returncode == 2 and "--adamw_beta1: must be a number >= 0 and < 1" in r.stderr, r.stderr
+
+
 def test_activation_checkpointing_computes_the_same_run(data_dir, tmp_path):
     flags = ["--max_steps", "3", "--eval_interval", "3"]
     pretrain(data_dir, tmp_path / "plain", *flags)
