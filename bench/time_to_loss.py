@@ -196,6 +196,9 @@ def main():
     unknown = [label for label in labels if label != "nanochat" and label not in variants]
     if unknown:
         ap.error(f"no --variant for {unknown}")
+    if "nanochat" in labels and not os.path.isfile(args.anchor):
+        ap.error(f"--anchor {args.anchor}: no such file; give the path of nanochat_time_to_loss.py or leave "
+                 "nanochat out of --runs")
     tok = load_tokenizer(os.path.join(args.data_path, "tokenizer.json"))
     with open(os.path.join(args.data_path, "meta.json")) as f:
         data_meta = json.load(f)

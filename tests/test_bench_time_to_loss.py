@@ -65,6 +65,15 @@ def test_merge_puts_runs_of_separate_jobs_in_one_table_keeping_each_jobs_command
     assert {row["run"]: row["time_ratio"] for row in doc["rows"]} == {"nanochat": 1.0, "ours": 0.56}
 
 
+def test_a_missing_anchor_stops_before_any_run_naming_the_flag(tmp_path):
+    # else ours would train for minutes beside a nanochat run that fails at once
+    r = subprocess.run([sys.executable, "bench/time_to_loss.py", "--data_path", str(tmp_path), "--runs", "nanochat,ours",
+                        "--anchor", str(tmp_path / "nowhere.py"), "--out_dir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--anchor" in r.stderr and "nowhere.py: no such file" in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_cpu_run_of_ours_writes_the_table_with_curves(tmp_path):
     data = prepare_default(str(tmp_path / "data"), vocab_size=512, n_stories=300, n_sft=20, n_dpo=10, n_eval=5,
                            quiet=True)
