@@ -34,9 +34,6 @@ DEFAULT_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4
 # AdamW's peak LR by --optimizer: AdamW training every parameter wants a lower one than AdamW on the
 # embedding, head and norms beside Muon
 LR_ADAMW = {"muon": 8e-3, "adamw": 2e-3}
-# AdamW's beta1 by --optimizer: 0.8 on the embedding, head and norms beside Muon; the usual 0.9 for the
-# AdamW baseline, which was tuned with it
-ADAMW_BETA1 = {"muon": 0.8, "adamw": 0.9}
 # an untied embedding is a lookup table whose rows see few gradients: it trains at a far higher LR than the
 # head, without weight decay (a tied one is the head too and trains as the head does)
 LR_EMBEDDING_UNTIED = 0.4
@@ -46,17 +43,15 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def parse_args():
     defaults = (f"Defaults: where no checkpoint gives the model's shape, {DEFAULT_SHAPE}. --lr_adamw None: "
                 + ", ".join(f"{lr} with --optimizer {opt}" for opt, lr in LR_ADAMW.items()) + ". "
-                "--adamw_beta1 None: "
-                + ", ".join(f"{b} with --optimizer {opt}" for opt, b in ADAMW_BETA1.items()) + ". "
                 f"--lr_embedding None: {LR_EMBEDDING_UNTIED} with an untied head, --lr_adamw with a tied one.")
     p = train_arg_parser(__doc__ + "\n" + textwrap.fill(defaults, 100) + "\n")
     # stage defaults: a model and a run sized for a few minutes on a 2-core CPU
     # (the model shape stays None here: a --resume run takes its shape from the checkpoint)
     # LRs: the best at 768x12 on English and close to it on synthetic stories and Python source; weight decay
     # and Muon's momentum schedule helped on all three; the warmdown schedule, NorMuon, cautious weight decay
-    # and the untied embedding at its own LR won on Python source at d12, English and the embedded corpus;
-    # AdamW's beta1 0.8 on Python source at ~150M tokens and English at d12 (README: how the defaults were chosen).
-    p.set_defaults(batch_size=16, max_steps=300, lr_muon=0.04, lr_adamw=None, adamw_beta1=None, momentum=0.95,
+    # and the untied embedding at its own LR won on Python source at d12, English and the embedded corpus
+    # (README: how the defaults were chosen).
+    p.set_defaults(batch_size=16, max_steps=300, lr_muon=0.04, lr_adamw=None, momentum=0.95,
                    weight_decay=0.1, momentum_warmup_steps=100, momentum_cooldown_steps=50,
                    warmup_steps=20, min_lr_ratio=0.05, normuon=True, cautious_wd=True,
                    eval_interval=100, eval_iters=20, log_interval=10)
@@ -73,8 +68,6 @@ def parse_args():
     args = p.parse_args()
     if args.lr_adamw is None:
         args.lr_adamw = LR_ADAMW[args.optimizer]
-    if args.adamw_beta1 is None:
-        args.adamw_beta1 = ADAMW_BETA1[args.optimizer]
     return args
 
 
