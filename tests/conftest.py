@@ -8,6 +8,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+import signal  # noqa: E402
+
+# A shell starts a background job (`pytest ... &`) with SIGINT ignored, and an ignored signal stays ignored
+# in every process started from it: the scripts rightly leave it so, and the tests that press Ctrl-C on
+# them would wait for nothing. A handler set here is reset to the default in each child it starts.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import multiprocessing  # noqa: E402
 import subprocess  # noqa: E402
 
