@@ -1,5 +1,6 @@
 """Shared pytest setup: import the project from the repo root and keep CPU threads few."""
 import os
+import signal
 import sys
 
 import torch
@@ -7,8 +8,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-import signal  # noqa: E402
 
 # A shell starts a background job (`pytest ... &`) with SIGINT ignored, and an ignored signal stays ignored
 # in every process started from it: the scripts rightly leave it so, and the tests that press Ctrl-C on
