@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from data.prepare import bounded
@@ -232,6 +232,18 @@ def shard(model):
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
+
+
+def micro_steps(model, n: int):
+    """range(n) for the gradient accumulation loop. Under FSDP every micro-step's backward reduce-scatters
+    the gradients into their shards, so that between micro-steps each rank holds only its shard: FSDP's
+    memory saving. With one process the shard is the whole gradient and the reduce-scatter a copy that saves
+    nothing, so there the gradients accumulate whole and move into the shards once, after the last one."""
+    defer = isinstance(model, FSDPModule) and dist.get_world_size() == 1
+    for i in range(n):
+        if defer:
+            model.set_requires_gradient_sync(i == n - 1)
+        yield i
 
 
 def cleanup_distributed():

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, bounded, catch_interrupts, check_model_matches,
                     check_resume, cleanup_distributed, die, gathered, load_checkpoint, load_checkpoint_tokenizer,
-                    load_optimizer_state, load_resume_checkpoint, lock_out_dir, print0, rng_state, save_checkpoint,
-                    set_rng_state, setup_run, shard, step_speed, stop_on_nan, total_steps_of, train_arg_parser, warn,
-                    wrap_model)
+                    load_optimizer_state, load_resume_checkpoint, lock_out_dir, micro_steps, print0, rng_state,
+                    save_checkpoint, set_rng_state, setup_run, shard, step_speed, stop_on_nan, total_steps_of,
+                    train_arg_parser, warn, wrap_model)
 from data.cache import resolve_chat_data
 from data.chat import answer_accuracy, answer_questions, split_val
 from data.loaders import DPOLoader, collate_dpo, encode_dpo
@@ -296,7 +296,7 @@ def main():
         # forward and backward over accumulation_steps micro-batches
         # loss, reward accuracy, margin, chosen and rejected rewards (means), non-padding tokens (all ranks)
         stats = torch.zeros(6, device=device)
-        for _ in range(args.accumulation_steps):
+        for _ in micro_steps(model, args.accumulation_steps):
             x, y, mask = train_loader.next_batch()  # (2B, T): rows [0:B] chosen, [B:2B] rejected
             if device.type == "cuda":  # pinned memory lets the copy run without stalling the host
                 x, y, mask = x.pin_memory(), y.pin_memory(), mask.pin_memory()

@@ -22,8 +22,9 @@ import torch.distributed as dist
 
 from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, bounded, catch_interrupts, check_model_matches,
                     check_resume, cleanup_distributed, die, gathered, load_checkpoint, load_checkpoint_tokenizer,
-                    load_optimizer_state, load_resume_checkpoint, lock_out_dir, print0, rng_state, save_checkpoint,
-                    set_rng_state, setup_run, step_speed, stop_on_nan, total_steps_of, train_arg_parser, wrap_model)
+                    load_optimizer_state, load_resume_checkpoint, lock_out_dir, micro_steps, print0, rng_state,
+                    save_checkpoint, set_rng_state, setup_run, step_speed, stop_on_nan, total_steps_of, train_arg_parser,
+                    wrap_model)
 from data.cache import resolve_chat_data
 from data.chat import answer_accuracy, answer_questions, split_val
 from data.loaders import SFTLoader, collate_sft, encode_sft
@@ -239,7 +240,7 @@ def main():
 
         # forward and backward over accumulation_steps micro-batches
         stats = torch.zeros(2, device=device)  # loss, non-padding tokens
-        for _ in range(args.accumulation_steps):
+        for _ in micro_steps(model, args.accumulation_steps):
             x, y, mask = train_loader.next_batch()
             if device.type == "cuda":  # pinned memory lets the copy run without stalling the host
                 x, y, mask = x.pin_memory(), y.pin_memory(), mask.pin_memory()

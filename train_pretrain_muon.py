@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from common import (EXIT_INTERRUPTED, MetricsLogger, any_rank, bounded, catch_interrupts, check_model_matches,
                     check_resume, cleanup_distributed, die, gathered, load_checkpoint, load_optimizer_state,
-                    load_resume_checkpoint, lock_out_dir, print0, rng_state, save_checkpoint, set_rng_state, setup_run,
-                    step_speed, stop_on_nan, synchronized_time, total_steps_of, train_arg_parser, wrap_model)
+                    load_resume_checkpoint, lock_out_dir, micro_steps, print0, rng_state, save_checkpoint, set_rng_state,
+                    setup_run, step_speed, stop_on_nan, synchronized_time, total_steps_of, train_arg_parser, wrap_model)
 from data.loaders import TokenWindowLoader, eval_batches, eval_bytes_per_token
 from data.cache import prepare_source
 from data.readers import DataError
@@ -278,7 +278,7 @@ def main():
 
         # forward and backward over accumulation_steps micro-batches
         stats = torch.zeros(1, device=device)  # loss
-        for _ in range(args.accumulation_steps):
+        for _ in micro_steps(model, args.accumulation_steps):
             x, y = train_loader.next_batch()
             if device.type == "cuda":  # pinned memory lets the copy run without stalling the host
                 x, y = x.pin_memory(), y.pin_memory()

@@ -11,10 +11,12 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
-from common import EXIT_INTERRUPTED, save_checkpoint
+from common import EXIT_INTERRUPTED, micro_steps, save_checkpoint, shard
 from conftest import run_finished_script, run_main, run_ranks, script_env
 from data.prepare import prepare_default
+from model import GPT, ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
@@ -33,11 +35,11 @@ def data_dir(tmp_path_factory):
     return out
 
 
-def pretrain(data_dir, out_dir, *flags, nproc=1, check=True):
-    """One process: the script's main() in this process (conftest.run_main); more: as torchrun's ranks
-    (conftest.run_ranks)."""
+def pretrain(data_dir, out_dir, *flags, nproc=1, check=True, torchrun=False):
+    """One process: the script's main() in this process (conftest.run_main); more, or torchrun=True: as
+    torchrun's ranks (conftest.run_ranks)."""
     args = ["train_pretrain_muon.py", "--data_path", data_dir, "--out_dir", str(out_dir), *TINY, *flags]
-    if nproc == 1:
+    if nproc == 1 and not torchrun:
         r = run_main(*args)
     else:
         r = run_ranks(nproc, *args)
@@ -216,6 +218,42 @@ def test_fsdp_at_two_processes_follows_the_one_process_run_with_every_muon_optio
         for i, state in one[opt]["state"].items():
             for k, v in state.items():
                 assert type(fsdp[opt]["state"][i][k]) is torch.Tensor and fsdp[opt]["state"][i][k].shape == v.shape
+
+
+def test_fsdp_at_one_process_moves_the_accumulated_gradients_into_the_shards_once(tmp_path):
+    # one process's shard is the whole gradient: the gradients accumulate whole over the micro-steps and are
+    # reduce-scattered (copied) into the shards after the last one, in every optimizer step
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=2, max_seq_len=16, tie_word_embeddings=False)
+        ref, model = GPT(cfg), GPT(cfg)
+        model.load_state_dict(ref.state_dict())
+        shard(model)
+        for _ in range(2):
+            batches = [torch.randint(0, 64, (2, 16)) for _ in range(3)]
+            for i in micro_steps(model, 3):
+                for m in (model, ref):
+                    (m(batches[i], batches[i])[1] / 3).backward()
+                have = [p.grad is not None for p in model.parameters()]
+                assert all(have) if i == 2 else not any(have), i
+            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-6, msg=name)
+            model.zero_grad(), ref.zero_grad()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_at_one_process_with_accumulation_follows_the_plain_run(data_dir, tmp_path):
+    flags = ["--max_steps", "4", "--eval_interval", "4", "--batch_size", "4", "--accumulation_steps", "2"]
+    pretrain(data_dir, tmp_path / "plain", *flags)
+    pretrain(data_dir, tmp_path / "fsdp", *flags, "--fsdp", nproc=1, torchrun=True)
+    a, b = metrics(tmp_path / "plain"), metrics(tmp_path / "fsdp")
+    for step in range(1, 5):
+        assert abs(a[step]["loss"] - b[step]["loss"]) < 2e-3 * a[step]["loss"], step
+        assert abs(a[step]["grad_norm"] - b[step]["grad_norm"]) < 2e-2 * a[step]["grad_norm"], step
+    assert abs(a[4]["val_loss"] - b[4]["val_loss"]) < 5e-3 * a[4]["val_loss"]
 
 
 def test_a_run_moves_between_fsdp_distmuon_and_one_process_on_resume(data_dir, tmp_path):
