@@ -14,6 +14,10 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # them would wait for nothing. A handler set here is reset to the default in each child it starts.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+# `nohup` does the same to SIGHUP. A handler that does nothing keeps pytest alive through a hangup, as nohup
+# asked, while the scripts the tests start and hang up on get the default back.
+if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, lambda signum, frame: None)
 
 import multiprocessing  # noqa: E402
 import subprocess  # noqa: E402
