@@ -190,3 +190,11 @@ def one_error(r) -> str:
     assert len(errors) == 1, r.stderr[-3000:]
     assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
     return errors[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Start the end-to-end pipeline's stages as soon as one of its tests is selected: they take a core for
+    about two minutes, and run beside the tests before theirs (test_pipeline.start_stages)."""
+    module = next((item.module for item in items if item.module.__name__ == "test_pipeline"), None)
+    if module is not None:
+        module.start_stages(config)

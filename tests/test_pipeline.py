@@ -3,36 +3,62 @@ previous stage's checkpoint, with each stage's held-out metric read back from it
 import json
 import math
 import os
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from data.prepare import prepare_default
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A 2-layer model and short stages: about 75 s on two cores, with both cores for each stage's one
-# process (the intra-op threads change only the float summation order). SFT uses higher LRs
-# than its defaults: a model this small and this briefly pretrained needs them to learn the reply
-# format, and most of its replies carry a hedge that takes part of the loss. DPO runs at its defaults
-# but for its length. With training seeds 1337 and 2 SFT raised answer accuracy by 20 and 15 points,
-# DPO raised held-out preference accuracy by 91 and 97 points and left answer accuracy as it was.
+# A 2-layer model and short stages: about 2 min of one core. SFT uses higher LRs than its defaults: a model
+# this small and this briefly pretrained needs them to learn the reply format, and most of its replies carry
+# a hedge that takes part of the loss. DPO runs at its defaults but for its length. With training seeds 1337
+# and 2 SFT raised answer accuracy by 20 and 15 points, DPO raised held-out preference accuracy by 91 and 97
+# points and left answer accuracy as it was.
+PREPARE = "from data.prepare import prepare_default; prepare_default({!r}, n_stories=4000, n_sft=2000, n_dpo=500, " \
+          "n_eval=100, quiet=True)"
 PRETRAIN = ["--hidden_size", "128", "--num_hidden_layers", "2", "--num_attention_heads", "4",
             "--num_key_value_heads", "2", "--max_seq_len", "160", "--batch_size", "16", "--max_steps", "120",
             "--eval_interval", "120", "--lr_adamw", "3e-3", "--sample_prompt", ""]
 SFT = ["--max_steps", "250", "--eval_interval", "250", "--lr_muon", "0.03", "--lr_adamw", "3e-3",
        "--eval_questions", "100"]
 DPO = ["--max_steps", "40", "--eval_interval", "40", "--eval_questions", "100"]
-THREADS = min(2, os.cpu_count() or 1)  # as conftest gives this process: pytest idles while a stage runs
+STAGES = None  # the stages' (directory, process) once started
 
 
-def stage(script, *flags):
-    r = subprocess.run([sys.executable, script, *flags, "--log_interval", "50"], cwd=ROOT,
-                       env=dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONUNBUFFERED="1"),
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+def start_stages(config=None):
+    """Start the data preparation and the three stages, one after the other, in a process of their own.
+
+    The rest of the suite mostly runs on one core, so conftest starts this as soon as a test of this file is
+    selected and it runs beside them on the other (one thread: the thread count changes only the float
+    summation order). The fixture starts it itself where conftest did not."""
+    global STAGES
+    out = tempfile.mkdtemp(prefix="pipeline-")
+    common = ["--data_path", os.path.join(out, "data"), "--out_dir", out, "--log_interval", "50"]
+    steps = [[sys.executable, "-c", PREPARE.format(os.path.join(out, "data"))],
+             [sys.executable, "train_pretrain_muon.py", *common, *PRETRAIN],
+             [sys.executable, "train_full_sft_muon.py", *common, *SFT],  # --init_from defaults to <out_dir>/pretrain.pt
+             [sys.executable, "train_dpo_muon.py", *common, *DPO]]  # ... and to <out_dir>/sft.pt
+    with open(os.path.join(out, "stages.log"), "w") as log:
+        proc = subprocess.Popen(["bash", "-c", "set -e\n" + "\n".join(shlex.join(step) for step in steps)],
+                                cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    STAGES = out, proc
+    if config is not None:
+        config.add_cleanup(stop_stages)
+
+
+def stop_stages():
+    """Stop the stages if they still run (pytest stopped before their tests) and remove their directory."""
+    out, proc = STAGES
+    if proc.poll() is None:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def evals(path):
@@ -42,15 +68,13 @@ def evals(path):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
-    data = str(out / "data")
-    prepare_default(data, n_stories=4000, n_sft=2000, n_dpo=500, n_eval=100, quiet=True)
-    common = ["--data_path", data, "--out_dir", str(out)]
-    stage("train_pretrain_muon.py", *common, *PRETRAIN)
-    stage("train_full_sft_muon.py", *common, *SFT)  # --init_from defaults to <out_dir>/pretrain.pt
-    stage("train_dpo_muon.py", *common, *DPO)  # ... and to <out_dir>/sft.pt
-    return out
+def pipeline():
+    if STAGES is None:
+        start_stages()
+    out, proc = STAGES
+    assert proc.wait(timeout=900) == 0, open(os.path.join(out, "stages.log")).read()[-6000:]
+    yield Path(out)
+    stop_stages()
 
 
 def test_pretraining_lowers_the_val_loss(pipeline):
