@@ -3,6 +3,7 @@ import os
 import signal
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,6 +193,7 @@ def one_error(r) -> str:
     return errors[0]
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected
 def pytest_collection_modifyitems(config, items):
     """Start the end-to-end pipeline's stages as soon as one of its tests is selected: they take a core for
     about two minutes, and run beside the tests before theirs (test_pipeline.start_stages)."""
