@@ -185,9 +185,14 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_weights)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, layer: int, kv_cache: KVCache | None):
+    def forward(self, x, branch, cos, sin, layer: int, kv_cache: KVCache | None):
+        """(residual stream, the previous block's MLP output or None) -> the same pair after this block. Its own
+        MLP output is added by whatever runs next: with each block compiled alone (--fsdp) that add then fuses
+        with the next norm, as in one whole-model graph, instead of running as a kernel of its own."""
+        if branch is not None:
+            x = x + branch
         x = x + self.attn(self.attn_norm(x), cos, sin, layer, kv_cache)
-        return x + self.mlp(self.mlp_norm(x))
+        return x, self.mlp(self.mlp_norm(x))
 
 
 class GPT(nn.Module):
@@ -254,19 +259,26 @@ class GPT(nn.Module):
             # the residual stream in the autocast dtype (bf16), as the matmuls produce it: every
             # elementwise op on it (norms, adds, RoPE) and every saved activation moves half the bytes
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        branch = None  # the last block's MLP output, not yet added to x
         for i, block in enumerate(self.layers):
             if self.checkpoint_blocks and self.training and torch.is_grad_enabled():
-                # activation checkpointing: keep only the block's input, recompute the rest in the backward
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, i, kv_cache, use_reentrant=False)
+                # activation checkpointing: keep only the block's input, one tensor (the stream with every
+                # branch added), and recompute the rest in the backward
+                x = x if branch is None else x + branch
+                x, branch = torch.utils.checkpoint.checkpoint(block, x, None, cos, sin, i, kv_cache,
+                                                              use_reentrant=False)
             else:
-                x = block(x, cos, sin, i, kv_cache)
+                x, branch = block(x, branch, cos, sin, i, kv_cache)
         if kv_cache is not None:
             kv_cache.seq_len += T
-        return self.output(x, targets, loss_mask)
+        return self.output(x, branch, targets, loss_mask)
 
-    def output(self, x, targets=None, loss_mask=None):
-        """The last hidden states -> forward's (logits, None) or (None, loss): the final norm, the head and
-        the masked mean cross-entropy (one function, so it compiles into one graph on its own)."""
+    def output(self, x, branch=None, targets=None, loss_mask=None):
+        """The last hidden states (x plus the last block's MLP output) -> forward's (logits, None) or (None, loss):
+        the final norm, the head and the masked mean cross-entropy (one function, so it compiles into one graph
+        on its own)."""
+        if branch is not None:
+            x = x + branch
         logits = self.lm_head(self.norm(x)).float()  # float32 even under autocast: softmax over V
         if targets is None:
             return logits, None

@@ -279,8 +279,9 @@ def test_fsdp_compiles_each_block_on_its_own_and_samples_eagerly(data_dir, tmp_p
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "sample: " in r.stdout and "recompile_limit" not in r.stderr
         graphs[layers] = [[nodes for nodes, _ in process] for process in compiled_graphs(r.stdout)]
-    for nodes in (*graphs[2], *graphs[6]):  # each process: block and output, each with and without grad
-        assert len(nodes) <= 4, graphs
+    # each process: the first block (nothing to add yet), the other blocks and the output, each with and without grad
+    for nodes in (*graphs[2], *graphs[6]):
+        assert len(nodes) <= 6, graphs
     assert max(graphs[2][0]) == max(graphs[6][0]), graphs  # the largest graph is one block, at any depth
 
 
